@@ -1,0 +1,233 @@
+"""The ``tripcast`` command: parse, call, print. Errors a user can fix are one line, exit status 2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tripcast.config import Settings, load_settings
+from tripcast.errors import TripcastError
+
+app = typer.Typer(help="Predict NYC taxi trip durations and keep the prediction good in production.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Download and inspect TLC monthly trip files.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry: versions, champion / challenger, promotion, rollback.",
+                         no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+out = Console()
+err = Console(stderr=True)
+
+
+def _settings(verbose: bool = False) -> Settings:
+    """Load settings and give Prefect its own quiet home under TRIPCAST_HOME (before Prefect is imported)."""
+    settings = load_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home.resolve()))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    return settings
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def main() -> None:
+    try:
+        app()
+    except TripcastError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(2)
+
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect and MLflow progress logs.")]
+Color = Annotated[str, typer.Option(help="Taxi type: green, yellow or fhv.")]
+
+
+# --- data ----------------------------------------------------------------------------------------------
+@data_app.command("pull")
+def data_pull(
+    color: Annotated[str, typer.Argument(help="green, yellow or fhv")],
+    first: Annotated[str, typer.Argument(help="First month, YYYY-MM")],
+    last: Annotated[str | None, typer.Argument(help="Last month, YYYY-MM (default: FIRST)")] = None,
+) -> None:
+    """Download months into the cache (skips those already there)."""
+    from tripcast.data import tlc
+
+    settings = _settings()
+    tlc.check_color(color)
+    for month in tlc.month_range(first, last or first):
+        path = tlc.fetch(color, month, settings)
+        out.print(f"{color} {month}: {tlc.validate_file(path, color):,} rows  {path}", highlight=False)
+
+
+@data_app.command("info")
+def data_info() -> None:
+    """What the cache holds."""
+    from tripcast.data import tlc
+
+    settings = _settings()
+    table = Table("colour", "month", "rows", "MB", title=f"cache: {settings.data_dir}")
+    for item in tlc.cached_files(settings):
+        table.add_row(item["color"], item["month"], f"{item['rows']:,}", f"{item['bytes'] / 1e6:.1f}")
+    out.print(table if table.row_count else f"cache {settings.data_dir} is empty: tripcast data pull green 2021-01")
+
+
+# --- training ------------------------------------------------------------------------------------------
+@app.command()
+def train(
+    train_month: Annotated[str | None, typer.Option(help="Training month YYYY-MM (default: latest but one).")] = None,
+    val_month: Annotated[str | None, typer.Option(help="Validation month YYYY-MM (default: latest).")] = None,
+    model: Annotated[str, typer.Option(help="baseline, linear, ridge, lasso or lightgbm.")] = "lightgbm",
+    color: Color = "green",
+    trials: Annotated[int, typer.Option(help="Optuna trials (0: no tuning).", min=0)] = 0,
+    timeout: Annotated[float | None, typer.Option(help="Tuning time budget in seconds.", min=1)] = None,
+    no_promote: Annotated[bool, typer.Option("--no-promote", help="Register as challenger only.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Run the training flow: load, validate, features, train, evaluate, register."""
+    from tripcast.models import FAMILIES
+
+    if model not in FAMILIES:
+        _fail(f"unknown model {model!r}: choose one of {', '.join(FAMILIES)}")
+    if (trials or timeout) and model == "linear":
+        _fail("model 'linear' has no hyper-parameters to tune; use ridge, lasso or lightgbm")
+    _settings(verbose)
+    from tripcast.flows.train import train_flow
+
+    result = train_flow(color, train_month, val_month, model, trials, timeout, promote=not no_promote)
+    if as_json:
+        print(json.dumps(result))
+        return
+    _print_runs([result])
+
+
+def _print_runs(runs: list[dict[str, Any]]) -> None:
+    first = runs[0]
+    table = Table("model", "version", "val RMSE", "rule RMSE", "decision", "why",
+                  title=f"{first['color']} {first['train_month']} -> {first['val_month']}")
+    for run in runs:
+        table.add_row(run["model"], run["version"], f"{run['metrics']['val_rmse']:.3f}",
+                      f"{run['metrics']['baseline_val_rmse']:.3f}",
+                      "[green]champion[/green]" if run["promoted"] else "rejected", run["reason"])
+    out.print(table)
+
+
+@app.command()
+def evaluate(
+    month: Annotated[str, typer.Option(help="Month to score, YYYY-MM.")],
+    alias: Annotated[str, typer.Option(help="Alias or version number.")] = "champion",
+    color: Color = "green",
+    verbose: Verbose = False,
+) -> None:
+    """Score a registered model on a month it has not seen."""
+    _settings(verbose)
+    from tripcast.flows.train import evaluate_flow
+
+    result = evaluate_flow(color, month, alias)
+    out.print(f"version {result['version']} ({alias}) on {color} {month}: RMSE {result['rmse']:.3f}, "
+              f"MAE {result['mae']:.3f}, R² {result['r2']:.3f} over {result['rows']:,} rides", highlight=False)
+
+
+@app.command()
+def quickstart(verbose: Verbose = False) -> None:
+    """The main job: pull green 2021-01..03, train baseline, linear and LightGBM, promote the best,
+    evaluate the champion on 2021-03."""
+    settings = _settings(verbose)
+    from tripcast.flows.train import quickstart_flow
+
+    result = quickstart_flow()
+    _print_runs(result["runs"])
+    test = result["test"]
+    out.print(f"champion (version {test['version']}) on green {test['month']}: RMSE {test['rmse']:.3f} "
+              f"over {test['rows']:,} rides\n", highlight=False)
+    uri = settings.resolved_tracking_uri
+    out.print("next:\n"
+              f"  mlflow ui --backend-store-uri {uri}\n"
+              "  tripcast models list\n"
+              f"  MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{settings.model_name}@champion "
+              "--env-manager local -p 5001", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def schedule(
+    cron: Annotated[str, typer.Option(help="Cron schedule.")] = "0 6 5 * *",
+    model: Annotated[str, typer.Option(help="Model family.")] = "lightgbm",
+    color: Color = "green",
+) -> None:
+    """Serve a Prefect deployment that retrains monthly on the latest TLC months (needs PREFECT_API_URL)."""
+    _settings(True)
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail("a schedule needs a running Prefect server: `prefect server start`, then set PREFECT_API_URL "
+              "(e.g. http://127.0.0.1:4200/api)")
+    from tripcast.flows.train import serve_schedule
+
+    serve_schedule(cron, model, color)
+
+
+# --- registry ------------------------------------------------------------------------------------------
+def _registry():
+    from tripcast.registry import Registry
+
+    return Registry(_settings())
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Versions with their aliases, validation RMSE and the last decision."""
+    registry = _registry()
+    aliases: dict[str, list[str]] = {}
+    for alias, version in registry.aliases().items():
+        aliases.setdefault(version, []).append(alias)
+    table = Table("version", "aliases", "model", "val RMSE", "rule", "decision", title=registry.name)
+    for mv in registry.versions():
+        run = registry.client.get_run(mv.run_id) if mv.run_id else None
+        metrics = run.data.metrics if run else {}
+        table.add_row(str(mv.version), ", ".join(aliases.get(str(mv.version), [])), mv.tags.get("model", ""),
+                      f"{metrics.get('val_rmse', float('nan')):.3f}",
+                      f"{metrics.get('baseline_val_rmse', float('nan')):.3f}",
+                      mv.tags.get("promotion.decision", "") + (" (rolled back)" if "rollback.at" in mv.tags else ""))
+    out.print(table if table.row_count else f"no versions of {registry.name} yet: tripcast train")
+
+
+@models_app.command("describe")
+def models_describe(version: Annotated[str, typer.Argument(help="Version number or alias.")]) -> None:
+    """Everything recorded about a version: run, metrics, decision and its reason."""
+    registry = _registry()
+    mv = registry.resolve(version)
+    if mv is None:
+        _fail(f"{registry.name} has no version or alias {version!r}")
+    run = registry.client.get_run(mv.run_id)
+    info = {"version": mv.version, "aliases": list(mv.aliases), "run_id": mv.run_id, "source": mv.source,
+            "created": mv.creation_timestamp, "params": run.data.params,
+            "metrics": {k: round(v, 4) for k, v in sorted(run.data.metrics.items())}, "tags": mv.tags}
+    out.print_json(json.dumps(info, default=str))
+
+
+@models_app.command("promote")
+def models_promote(
+    version: Annotated[str, typer.Argument(help="Version number.")],
+    reason: Annotated[str, typer.Option(help="Recorded on the version.")] = "manual promotion",
+) -> None:
+    """Make VERSION the champion (an operator's override of the policy; recorded as such)."""
+    mv = _registry().promote(version, reason)
+    out.print(f"version {mv.version} is now champion", highlight=False)
+
+
+@models_app.command("rollback")
+def models_rollback() -> None:
+    """Move champion back to the previous champion."""
+    previous, restored = _registry().rollback()
+    out.print(f"champion rolled back from version {previous} to version {restored}", highlight=False)

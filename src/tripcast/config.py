@@ -1,0 +1,121 @@
+"""One settings object: environment variables ``TRIPCAST_*`` over an optional ``tripcast.toml`` over defaults.
+
+Every path the embedded profile writes lives under ``TRIPCAST_HOME`` (default ``./.tripcast``), so a
+laptop run needs nothing set up: MLflow uses a SQLite file and a local artifact folder, Prefect gets its
+own home. The production profile only changes ``TRIPCAST_TRACKING_URI`` (an MLflow server or a
+``postgresql://`` backend store).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tripcast.errors import TripcastError
+
+TLC_BASE_URL = "https://d37ci6vzurychx.cloudfront.net/trip-data"
+ENV_PREFIX = "TRIPCAST_"
+
+
+class ConfigError(TripcastError, ValueError):
+    """A setting has a value tripcast cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = Path(".tripcast")
+    # Where the monthly files come from: the TLC's address, or a mirror (directory, file:// or http(s)://).
+    tlc_base_url: str = TLC_BASE_URL
+    tlc_mirror: str | None = None
+    download_retries: int = 4
+    download_backoff_seconds: float = 2.0
+    download_timeout_seconds: float = 60.0
+    # MLflow. None means the embedded SQLite store under home.
+    tracking_uri: str | None = None
+    experiment: str = "tripcast"
+    model_name: str = "tripcast-duration"
+    # Target filter (minutes) and the promotion policy.
+    min_duration: float = 1.0
+    max_duration: float = 60.0
+    max_distance: float | None = None  # miles; None keeps the course's filters (duration only)
+    promotion_margin: float = 0.01  # relative RMSE improvement a challenger needs over the champion
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.home / "prefect"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        return f"sqlite:///{(self.mlflow_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_location(self) -> str | None:
+        """Local artifact folder for the embedded profile; a tracking server picks its own."""
+        uri = self.resolved_tracking_uri
+        if uri.startswith(("http://", "https://", "databricks")):
+            return None
+        return (self.mlflow_dir / "artifacts").resolve().as_uri()
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(name: str, raw: Any, annotation: str) -> Any:
+    try:
+        if annotation in ("Path",):
+            return Path(raw).expanduser()
+        if annotation.startswith("int"):
+            return int(raw)
+        if annotation.startswith("float"):
+            return float(raw)
+        if annotation.startswith("bool"):
+            if isinstance(raw, bool):
+                return raw
+            return str(raw).strip().lower() in ("1", "true", "yes", "on")
+        if annotation.startswith("str"):
+            return str(raw) if raw not in ("", None) else None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name}={raw!r} is not a valid {annotation}") from exc
+    return raw
+
+
+def load_settings(config_file: Path | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Read ``tripcast.toml`` (if present) and then ``TRIPCAST_*`` variables, which win."""
+    env = dict(os.environ) if env is None else env
+    config_file = config_file or Path(env.get(f"{ENV_PREFIX}CONFIG", "tripcast.toml"))
+    values: dict[str, Any] = {}
+    known = {f.name: str(f.type) for f in fields(Settings) if f.name != "extra"}
+    if config_file.is_file():
+        try:
+            table = tomllib.loads(config_file.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_file} is not valid TOML: {exc}") from exc
+        table = table.get("tripcast", table)
+        for key, raw in table.items():
+            if key not in known:
+                raise ConfigError(f"{config_file}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
+            values[key] = _coerce(key, raw, known[key])
+    for key, annotation in known.items():
+        raw = env.get(ENV_PREFIX + key.upper())
+        if raw is not None:
+            values[key] = _coerce(ENV_PREFIX + key.upper(), raw, annotation)
+    settings = Settings(**values)
+    if settings.min_duration >= settings.max_duration:
+        raise ConfigError("min_duration must be below max_duration")
+    return settings

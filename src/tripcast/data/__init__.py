@@ -1,0 +1,1 @@
+"""Data sources: the TLC monthly files."""

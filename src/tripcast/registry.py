@@ -1,0 +1,185 @@
+"""The MLflow model registry: versions, the ``champion`` / ``challenger`` aliases, the promotion policy,
+rollback and an audit trail.
+
+Every decision is written as tags on the version it concerns (``promotion.*``), and the registered model
+keeps ``champion_history`` (JSON list of versions, oldest first) so that ``rollback`` knows where to go back.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from tripcast.config import Settings
+from tripcast.errors import RegistryError
+from tripcast.models import TripDurationPipeline
+from tripcast.tracking import configure
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY_TAG = "champion_history"
+HISTORY_KEEP = 50
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    promote: bool
+    reason: str
+    challenger_rmse: float
+    champion_rmse: float | None
+    baseline_rmse: float
+    margin: float
+
+    def as_tags(self) -> dict[str, str]:
+        tags = {f"promotion.{k}": ("" if v is None else str(v)) for k, v in asdict(self).items() if k != "promote"}
+        tags["promotion.decision"] = "promoted" if self.promote else "rejected"
+        tags["promotion.at"] = _now()
+        return tags
+
+
+def decide(challenger_rmse: float, champion_rmse: float | None, baseline_rmse: float,
+           margin: float) -> PromotionDecision:
+    """Promote only if the challenger beats the rule baseline and beats the champion, on the same
+    validation rows, by ``margin`` (relative: 0.01 = 1 % lower RMSE)."""
+    args = dict(challenger_rmse=challenger_rmse, champion_rmse=champion_rmse, baseline_rmse=baseline_rmse,
+                margin=margin)
+    if not challenger_rmse < baseline_rmse:
+        return PromotionDecision(False, f"RMSE {challenger_rmse:.4f} does not beat the rule baseline "
+                                        f"{baseline_rmse:.4f}", **args)
+    if champion_rmse is None:
+        return PromotionDecision(True, f"no champion yet; RMSE {challenger_rmse:.4f} beats the rule baseline "
+                                       f"{baseline_rmse:.4f}", **args)
+    needed = champion_rmse * (1 - margin)
+    if challenger_rmse <= needed:
+        return PromotionDecision(True, f"RMSE {challenger_rmse:.4f} beats champion {champion_rmse:.4f} by more "
+                                       f"than {margin:.1%} and the rule baseline {baseline_rmse:.4f}", **args)
+    return PromotionDecision(False, f"RMSE {challenger_rmse:.4f} does not beat champion {champion_rmse:.4f} "
+                                    f"by {margin:.1%} (needs <= {needed:.4f})", **args)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Registry:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.name = settings.model_name
+        self.client: MlflowClient = configure(settings)
+
+    # --- reading -------------------------------------------------------------------------------------
+    def version(self, version: str | int) -> ModelVersion:
+        try:
+            return self.client.get_model_version(self.name, str(version))
+        except MlflowException:
+            raise RegistryError(f"{self.name} has no version {version}") from None
+
+    def resolve(self, version_or_alias: str | int) -> ModelVersion | None:
+        key = str(version_or_alias)
+        return self.version(key) if key.isdigit() else self.by_alias(key)
+
+    def current(self, alias: str) -> str | None:
+        """The version number an alias points at, as a string (MLflow returns ints or strings)."""
+        mv = self.by_alias(alias)
+        return None if mv is None else str(mv.version)
+
+    def by_alias(self, alias: str) -> ModelVersion | None:
+        try:
+            return self.client.get_model_version_by_alias(self.name, alias)
+        except MlflowException:
+            return None
+
+    def versions(self) -> list[ModelVersion]:
+        found = self.client.search_model_versions(f"name = '{self.name}'")
+        return sorted(found, key=lambda v: int(v.version))
+
+    def aliases(self) -> dict[str, str]:
+        try:
+            return {alias: str(v) for alias, v in self.client.get_registered_model(self.name).aliases.items()}
+        except MlflowException:
+            return {}
+
+    def history(self) -> list[str]:
+        try:
+            tags = self.client.get_registered_model(self.name).tags
+        except MlflowException:
+            return []
+        return [str(v) for v in json.loads(tags.get(HISTORY_TAG, "[]"))]
+
+    def load_pipeline(self, alias_or_version: str) -> tuple[ModelVersion, TripDurationPipeline]:
+        """The pipeline of a version (by number or alias), read from its artifacts without pyfunc."""
+        mv = self.resolve(alias_or_version)
+        if mv is None:
+            raise RegistryError(f"{self.name} has no version with alias {alias_or_version!r}; train one first "
+                                "(tripcast train) or promote one (tripcast models promote VERSION)")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(f"models:/{self.name}/{mv.version}", dst_path=tmp)
+            return mv, TripDurationPipeline.load(Path(local) / "artifacts" / "pipeline")
+
+    # --- writing -------------------------------------------------------------------------------------
+    def register(self, model_uri: str, run_id: str, tags: dict[str, str] | None = None) -> ModelVersion:
+        """A new version, aliased ``challenger`` until a decision is taken."""
+        try:
+            self.client.create_registered_model(self.name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+        mv = self.client.create_model_version(self.name, source=model_uri, run_id=run_id,
+                                              tags=(tags or {}) | {"run_id": run_id}, model_id=model_id)
+        self.client.set_registered_model_alias(self.name, CHALLENGER, mv.version)
+        return mv
+
+    def apply(self, version: str | int, decision: PromotionDecision) -> ModelVersion:
+        version = str(version)
+        for key, value in decision.as_tags().items():
+            self.client.set_model_version_tag(self.name, version, key, value)
+        if decision.promote:
+            self._make_champion(version)
+        return self.version(version)
+
+    def promote(self, version: str | int, reason: str = "manual promotion") -> ModelVersion:
+        version = str(self.version(version).version)
+        self.client.set_model_version_tag(self.name, version, "promotion.decision", "promoted")
+        self.client.set_model_version_tag(self.name, version, "promotion.reason", reason)
+        self.client.set_model_version_tag(self.name, version, "promotion.at", _now())
+        self._make_champion(version)
+        return self.version(version)
+
+    def rollback(self) -> tuple[str, str]:
+        """Move ``champion`` back to the previous champion; returns (from_version, to_version)."""
+        history = self.history()
+        current = self.current(CHAMPION)
+        if current is not None and (not history or history[-1] != current):
+            history.append(current)  # the alias was moved outside tripcast (e.g. in the MLflow UI)
+        if current is None or len(history) < 2:
+            raise RegistryError(f"{self.name} has no previous champion to roll back to")
+        history.pop()
+        target = history[-1]
+        self.client.set_registered_model_alias(self.name, CHAMPION, target)
+        self.client.set_model_version_tag(self.name, current, "rollback.at", _now())
+        self.client.set_model_version_tag(self.name, current, "rollback.to", target)
+        self.client.set_model_version_tag(self.name, target, "rollback.restored_at", _now())
+        self._save_history(history)
+        return current, target
+
+    def _make_champion(self, version: str) -> None:
+        previous = self.current(CHAMPION)
+        if previous == version:
+            return
+        if previous is not None:
+            self.client.set_model_version_tag(self.name, version, "promotion.previous_champion", previous)
+        self.client.set_registered_model_alias(self.name, CHAMPION, version)
+        if self.current(CHALLENGER) == version:
+            self.client.delete_registered_model_alias(self.name, CHALLENGER)
+        self._save_history((self.history() + [version])[-HISTORY_KEEP:])
+
+    def _save_history(self, history: list[str]) -> None:
+        self.client.set_registered_model_tag(self.name, HISTORY_TAG, json.dumps(history))

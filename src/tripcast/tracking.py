@@ -1,0 +1,43 @@
+"""Point MLflow at the configured tracking store (embedded SQLite + local artifacts, or production)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+import tripcast
+from tripcast.config import Settings
+
+
+def configure(settings: Settings) -> MlflowClient:
+    """Set tracking and registry URIs and make sure the experiment exists; returns a client."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not settings.tracking_uri:
+        settings.mlflow_dir.mkdir(parents=True, exist_ok=True)
+    uri = settings.resolved_tracking_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if client.get_experiment_by_name(settings.experiment) is None:
+        client.create_experiment(settings.experiment, artifact_location=settings.artifact_location)
+    mlflow.set_experiment(settings.experiment)
+    return client
+
+
+def source_tags() -> dict[str, str]:
+    """Git commit (with a -dirty suffix for uncommitted changes) and package version for lineage."""
+    folder = Path(tripcast.__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit += "-dirty" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"mlflow.source.git.commit": commit, "tripcast.git_commit": commit,
+            "tripcast.version": tripcast.__version__}

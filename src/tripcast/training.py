@@ -1,0 +1,252 @@
+"""Fit, evaluate and log to MLflow: one run per model, with its rule baseline measured beside it.
+
+Each run records parameters, RMSE/MAE/R² on train and validation, the rule baseline's RMSE on the same
+validation rows, row and drop counts, the datasets (source address, month, file digest), the git commit,
+two plots, the validation reference for monitoring, and the model (pyfunc, with signature and example).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, Schema
+from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+from tripcast import features as feats
+from tripcast.config import Settings
+from tripcast.data import tlc
+from tripcast.models import FAMILIES, TripDurationPipeline, build
+from tripcast.models.tuning import suggest_params
+from tripcast.tracking import configure, source_tags
+
+log = logging.getLogger(__name__)
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+REFERENCE_ARTIFACT = "reference/validation.parquet"
+# What a ride request carries; a missing pickup time means "now" (see Preprocessor).
+INPUT_SCHEMA = Schema([
+    ColSpec("long", "PULocationID"),
+    ColSpec("long", "DOLocationID"),
+    ColSpec("double", "trip_distance"),
+    ColSpec("datetime", "pickup_datetime", required=False),
+])
+
+
+@dataclass
+class MonthData:
+    """A cleaned month and where it came from."""
+
+    color: str
+    month: tlc.Month
+    source: str
+    digest: str
+    rides: pd.DataFrame
+    drops: feats.DropReport
+
+    @property
+    def label(self) -> str:
+        return f"{self.color}_tripdata_{self.month}"
+
+
+def prepare_month(color: str, month: str | tlc.Month, raw: pd.DataFrame, settings: Settings) -> MonthData:
+    """Validate a raw month: apply the filters and keep their drop counts."""
+    month = tlc.Month.parse(month)
+    rides, drops = feats.clean(raw, settings.min_duration, settings.max_duration, month.start, month.end,
+                               settings.max_distance)
+    path = tlc.cache_path(color, month, settings)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
+    return MonthData(color, month, tlc.source_address(color, month, settings), digest, rides, drops)
+
+
+@dataclass
+class FeatureSet:
+    """Model input for the training and validation months, from the one preprocessor."""
+
+    preprocessor: feats.Preprocessor
+    train_x: pd.DataFrame
+    train_y: np.ndarray
+    val_x: pd.DataFrame
+    val_y: np.ndarray
+
+
+def build_features(train_data: MonthData, val_data: MonthData) -> FeatureSet:
+    pre = feats.Preprocessor()
+    return FeatureSet(pre, pre.transform(train_data.rides), feats.targets(train_data.rides),
+                      pre.transform(val_data.rides), feats.targets(val_data.rides))
+
+
+def regression_metrics(actual: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    return {
+        "rmse": float(np.sqrt(mean_squared_error(actual, predicted))),
+        "mae": float(mean_absolute_error(actual, predicted)),
+        "r2": float(r2_score(actual, predicted)),
+    }
+
+
+@dataclass
+class TrainingResult:
+    run_id: str
+    model_uri: str
+    model: str
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    pipeline: TripDurationPipeline
+    val_predictions: np.ndarray = field(repr=False)
+
+    @property
+    def val_rmse(self) -> float:
+        return self.metrics["val_rmse"]
+
+    @property
+    def baseline_rmse(self) -> float:
+        return self.metrics["baseline_val_rmse"]
+
+
+def tune(model: str, train: MonthData, trials: int, timeout: float | None, seed: int = 42) -> dict[str, Any]:
+    """Optuna search on the training month alone: its last fifth (by pickup time) is the hold-out, so the
+    validation month stays unseen until the final evaluation. Each trial is a nested MLflow run."""
+    family = FAMILIES[model][0].family if model == "baseline" else model
+    rides = train.rides.sort_values("pickup_datetime", kind="stable")
+    cut = int(len(rides) * 0.8)
+    pre = feats.Preprocessor()
+    fit_x, hold_x = pre.transform(rides.iloc[:cut]), pre.transform(rides.iloc[cut:])
+    fit_y, hold_y = feats.targets(rides.iloc[:cut]), feats.targets(rides.iloc[cut:])
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest_params(trial, family)
+        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
+            mlflow.log_params(params)
+            rmse = regression_metrics(hold_y, build(model, **params).fit(fit_x, fit_y).predict(hold_x))["rmse"]
+            mlflow.log_metric("holdout_rmse", rmse)
+        return rmse
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.optimize(objective, n_trials=trials, timeout=timeout, show_progress_bar=True)
+    mlflow.log_metric("tuning_best_holdout_rmse", study.best_value)
+    mlflow.log_param("tuning_trials_done", len(study.trials))
+    return study.best_params
+
+
+def _plots(actual: np.ndarray, predicted: np.ndarray, title: str) -> dict[str, plt.Figure]:
+    rng = np.random.default_rng(0)
+    sample = rng.choice(len(actual), size=min(len(actual), 20_000), replace=False)
+    a, p = actual[sample], predicted[sample]
+    residual_fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(p, a - p, s=2, alpha=0.2)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(xlabel="predicted minutes", ylabel="actual - predicted", title=f"residuals: {title}")
+    scatter_fig, ax = plt.subplots(figsize=(5, 5))
+    ax.hexbin(a, p, gridsize=60, mincnt=1, bins="log")
+    ax.plot([0, 60], [0, 60], color="red", linewidth=0.8)
+    ax.set(xlabel="actual minutes", ylabel="predicted minutes", title=f"predicted vs actual: {title}")
+    return {"plots/residuals.png": residual_fig, "plots/predicted_vs_actual.png": scatter_fig}
+
+
+def _log_dataset(data: MonthData, context: str) -> None:
+    # MLflow warns that a local path matches two source types (either is right) and that integer columns
+    # cannot hold missing values (zone IDs never are missing after validation).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(data.rides.head(1000), source=data.source, name=data.label,
+                                          targets=feats.TARGET, digest=data.digest or None)
+        mlflow.log_input(dataset, context=context, tags={"month": str(data.month), "rows": str(len(data.rides))})
+
+
+def train(
+    train_data: MonthData,
+    val_data: MonthData,
+    model: str,
+    settings: Settings,
+    trials: int = 0,
+    timeout: float | None = None,
+    params: dict[str, Any] | None = None,
+    features: FeatureSet | None = None,
+) -> TrainingResult:
+    """Fit ``model`` on the training month, evaluate on the validation month, log everything to MLflow."""
+    if model not in FAMILIES:
+        raise ValueError(f"unknown model {model!r}: choose one of {', '.join(FAMILIES)}")
+    configure(settings)
+    fs = features or build_features(train_data, val_data)
+    pre, train_x, train_y, val_x, val_y = fs.preprocessor, fs.train_x, fs.train_y, fs.val_x, fs.val_y
+    run_name = f"{model} {train_data.color} {train_data.month}->{val_data.month}"
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.set_tags(source_tags() | {
+            "tripcast.model": model, "tripcast.color": train_data.color,
+            "tripcast.train_month": str(train_data.month), "tripcast.val_month": str(val_data.month),
+        })
+        _log_dataset(train_data, "training")
+        _log_dataset(val_data, "validation")
+        mlflow.log_metrics(train_data.drops.as_metrics("train") | val_data.drops.as_metrics("val"))
+        params = dict(params or {})
+        if trials or timeout:
+            params |= tune(model, train_data, trials or 1_000_000, timeout)
+        started = time.perf_counter()
+        estimator = build(model, **params).fit(train_x, train_y)
+        train_seconds = time.perf_counter() - started
+        pipeline = TripDurationPipeline(model, estimator, pre)
+        val_pred = pipeline.predict_features(val_x)
+        baseline = build("baseline").fit(train_x, train_y)
+        metrics = {f"train_{k}": v for k, v in regression_metrics(train_y, pipeline.predict_features(train_x)).items()}
+        metrics |= {f"val_{k}": v for k, v in regression_metrics(val_y, val_pred).items()}
+        metrics["baseline_val_rmse"] = regression_metrics(val_y, baseline.predict(val_x))["rmse"]
+        metrics["train_seconds"] = train_seconds
+        mlflow.log_params({"model": model, "color": train_data.color, "train_month": str(train_data.month),
+                           "val_month": str(val_data.month), "min_duration": settings.min_duration,
+                           "max_duration": settings.max_duration, "max_distance": settings.max_distance,
+                           "trials": trials} | estimator.params())
+        mlflow.log_metrics(metrics)
+        for name, figure in _plots(val_y, val_pred, run_name).items():
+            mlflow.log_figure(figure, name)
+            plt.close(figure)
+        model_uri = _log_model(pipeline, val_data, val_x, val_pred)
+        log.info("run %s: val RMSE %.3f (rule baseline %.3f)", run.info.run_id, metrics["val_rmse"],
+                 metrics["baseline_val_rmse"])
+    return TrainingResult(run.info.run_id, model_uri, model, estimator.params(), metrics, pipeline, val_pred)
+
+
+def evaluate(pipeline: TripDurationPipeline, data: MonthData) -> dict[str, float]:
+    """RMSE, MAE and R² of a pipeline on a cleaned month, plus the row count."""
+    return regression_metrics(feats.targets(data.rides), pipeline.predict(data.rides)) | {"rows": len(data.rides)}
+
+
+def _log_model(pipeline: TripDurationPipeline, val_data: MonthData, val_x: pd.DataFrame,
+               val_pred: np.ndarray) -> str:
+    example = val_data.rides.head(5)[["PULocationID", "DOLocationID", "trip_distance", "pickup_datetime"]].copy()
+    example[["PULocationID", "DOLocationID"]] = example[["PULocationID", "DOLocationID"]].astype("int64")
+    signature = ModelSignature(inputs=INPUT_SCHEMA, outputs=Schema([ColSpec("double")]))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = pipeline.save(Path(tmp) / "pipeline")
+        # The validation rows and their predictions: monitoring's reference, kept with the model.
+        reference = val_x.copy()
+        reference["prediction"] = val_pred
+        reference[feats.TARGET] = feats.targets(val_data.rides)
+        ref_path = Path(tmp) / "validation.parquet"
+        reference.to_parquet(ref_path, index=False)
+        mlflow.log_artifact(str(ref_path), artifact_path="reference")
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(MODEL_CODE), artifacts={"pipeline": str(folder)},
+            signature=signature, input_example=example, pip_requirements=_requirements(),
+        )
+    return info.model_uri
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "pandas", "numpy", "scikit-learn", "lightgbm")]
