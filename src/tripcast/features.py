@@ -116,10 +116,13 @@ class Preprocessor:
         column = rides["pickup_datetime"]
         if not pd.api.types.is_datetime64_any_dtype(column):
             try:
-                column = pd.to_datetime(column, format="ISO8601")
+                parsed = pd.to_datetime(column, format="ISO8601")
             except (ValueError, TypeError):
+                parsed = None
+            if parsed is None or not pd.api.types.is_datetime64_any_dtype(parsed):
                 # Mixed offsets (some with a zone, some without): parse one by one.
-                column = pd.Series([self._parse_one(v) for v in column], index=rides.index)
+                parsed = pd.Series([self._parse_one(v) for v in column], index=rides.index, dtype="datetime64[us]")
+            column = parsed
         if isinstance(column.dtype, pd.DatetimeTZDtype):
             column = column.dt.tz_convert(self.timezone).dt.tz_localize(None)
         return column.fillna(now).reset_index(drop=True)
@@ -127,7 +130,10 @@ class Preprocessor:
     def _parse_one(self, value: object) -> pd.Timestamp:
         if value is None or (isinstance(value, float) and np.isnan(value)):
             return pd.NaT
-        stamp = pd.Timestamp(value)
+        try:
+            stamp = pd.Timestamp(value)
+        except (ValueError, TypeError):
+            raise DataError(f"pickup_datetime {value!r} is not an ISO 8601 time") from None
         return stamp.tz_convert(self.timezone).tz_localize(None) if stamp.tzinfo else stamp
 
     def to_dict(self) -> dict:

@@ -1,0 +1,3 @@
+from tripcast.cli import main
+
+main()

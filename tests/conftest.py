@@ -1,0 +1,52 @@
+"""Shared fixtures: the real TLC files through tripcast's mirror setting, an isolated TRIPCAST_HOME per test,
+and one Prefect test server for the whole session (it takes seconds to start)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Prefect reads its home and telemetry switch at import: set them before any test module imports it.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tripcast-prefect-"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+from tripcast.config import Settings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tlc_mirror() -> Path:
+    mirror = Path(os.environ.get("TRIPCAST_TLC_MIRROR") or REPO.parent / "shared" / "data" / "tlc")
+    if not (mirror / "green_tripdata_2021-01.parquet").is_file():
+        pytest.fail(f"the tests read real TLC files: set TRIPCAST_TLC_MIRROR to a folder holding them (tried {mirror})")
+    return mirror
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tlc_mirror: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings for one test, also exported as TRIPCAST_* so flows (which read the environment) agree."""
+    home = tmp_path / "home"
+    for key in list(os.environ):
+        if key.startswith("TRIPCAST_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("TRIPCAST_HOME", str(home))
+    monkeypatch.setenv("TRIPCAST_TLC_MIRROR", str(tlc_mirror))
+    monkeypatch.setenv("TRIPCAST_PROGRESS", "false")
+    monkeypatch.setenv("TRIPCAST_CONFIG", str(tmp_path / "absent.toml"))
+    return Settings(home=home, tlc_mirror=str(tlc_mirror), progress=False)
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[str]:
+    """One real Prefect server (SQLite) for the session; yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield PREFECT_API_URL.value()

@@ -1,0 +1,70 @@
+"""The command line as a user runs it: real processes, real exit codes, no tracebacks for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tripcast.config import Settings
+
+TRIPCAST = [sys.executable, "-m", "tripcast"]
+
+
+def run(args: list[str], env_extra: dict[str, str] | None = None, cwd: Path | None = None,
+        timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()} | (env_extra or {})
+    return subprocess.run(TRIPCAST + args, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def test_help_lists_the_commands() -> None:
+    result = run(["--help"])
+    assert result.returncode == 0
+    for command in ("data", "train", "evaluate", "quickstart", "models", "schedule"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["data", "pull", "purple", "2021-01"], "unknown colour 'purple'"),
+    (["data", "pull", "green", "2021-13"], "malformed month '2021-13'"),
+    (["data", "pull", "green", "2021-05"], "no green file for 2021-05"),
+    (["train", "--model", "xgb", "--train-month", "2021-01", "--val-month", "2021-02"], "unknown model 'xgb'"),
+    (["models", "rollback"], "no previous champion"),
+    (["models", "describe", "7"], "no version 7"),
+])
+def test_bad_input_is_one_clear_line(settings: Settings, args: list[str], message: str) -> None:
+    result = run(args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_offline_error_names_the_mirror_setting(settings: Settings) -> None:
+    env = {"TRIPCAST_TLC_MIRROR": "", "TRIPCAST_TLC_BASE_URL": "http://127.0.0.1:9/trip-data",
+           "TRIPCAST_DOWNLOAD_RETRIES": "1"}
+    result = run(["data", "pull", "green", "2021-01"], env)
+    assert result.returncode == 2 and "TRIPCAST_TLC_MIRROR" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pull_a_range_then_info(settings: Settings) -> None:
+    pulled = run(["data", "pull", "green", "2021-01", "2021-03"])
+    assert pulled.returncode == 0, pulled.stderr
+    assert "green 2021-01: 76,518 rows" in pulled.stdout and "green 2021-03: 83,827 rows" in pulled.stdout
+    info = run(["data", "info"], {"COLUMNS": "120"})
+    assert info.returncode == 0 and "64,572" in info.stdout and "2021-02" in info.stdout
+
+
+@pytest.mark.slow
+def test_train_json_then_models_list(settings: Settings, prefect_server: str) -> None:
+    env = {"PREFECT_API_URL": prefect_server}
+    result = run(["train", "--train-month", "2021-01", "--val-month", "2021-02", "--model", "linear", "--json"], env)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["version"] == "1" and payload["alias"] == "challenger" and not payload["promoted"]
+    assert payload["metrics"]["val_rmse"] == pytest.approx(7.7587, abs=0.02)
+    assert payload["metrics"]["baseline_val_rmse"] < payload["metrics"]["val_rmse"]  # the rule wins here
+    listing = run(["models", "list"], {"COLUMNS": "120"})
+    assert listing.returncode == 0 and "linear" in listing.stdout and "rejected" in listing.stdout

@@ -1,0 +1,75 @@
+"""Model families on real data: the course's reference, the rule baseline, save/load, quality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tripcast import features as feats
+from tripcast.config import Settings
+from tripcast.data import tlc
+from tripcast.models import FAMILIES, TripDurationPipeline, build
+from tripcast.models.base import lookup
+from tripcast.training import regression_metrics
+
+
+def _month(settings: Settings, month: str) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
+    m = tlc.Month.parse(month)
+    rides, _ = feats.clean(tlc.read_month("green", m, settings), 1, 60, m.start, m.end)
+    return feats.Preprocessor().transform(rides), feats.targets(rides), rides
+
+
+@pytest.fixture
+def green_2021(settings: Settings):
+    return {m: _month(settings, m) for m in ("2021-01", "2021-02", "2021-03")}
+
+
+def test_linear_reproduces_the_course_reference(green_2021) -> None:
+    (train_x, train_y, _), (val_x, val_y, _) = green_2021["2021-01"], green_2021["2021-02"]
+    rmse = regression_metrics(val_y, build("linear").fit(train_x, train_y).predict(val_x))["rmse"]
+    assert rmse == pytest.approx(7.7587, abs=0.02)
+
+
+def test_rule_baseline_uses_pair_median_then_distance(green_2021) -> None:
+    train_x, train_y, _ = green_2021["2021-01"]
+    rule = build("baseline").fit(train_x, train_y)
+    pair = train_x["zone_pair"].value_counts().index[0]
+    expected = np.median(train_y[train_x["zone_pair"].to_numpy() == pair])
+    unseen = pd.DataFrame({"zone_pair": [pair, 999999, 999999], "trip_distance": [2.0, 0.5, 12.3]})
+    got = rule.predict(unseen)
+    assert got[0] == expected
+    short = (train_x["trip_distance"] < 1).to_numpy()
+    assert got[1] == np.median(train_y[short])
+    assert got[2] == np.median(train_y[((train_x["trip_distance"] >= 12) & (train_x["trip_distance"] < 13)).to_numpy()])
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_saves_and_loads_exactly(green_2021, tmp_path: Path, name: str) -> None:
+    train_x, train_y, _ = green_2021["2021-01"]
+    _, _, val_rides = green_2021["2021-02"]
+    params = {"n_estimators": 30} if name == "lightgbm" else {}
+    pipeline = TripDurationPipeline(name, build(name, **params).fit(train_x, train_y))
+    before = pipeline.predict(val_rides)
+    loaded = TripDurationPipeline.load(pipeline.save(tmp_path / name))
+    assert np.array_equal(loaded.predict(val_rides), before)
+    assert {p.suffix for p in (tmp_path / name).iterdir()} <= {".json", ".txt"}  # no pickles
+
+
+def test_lookup_defaults_for_unknown_keys() -> None:
+    keys, values = np.array([3, 7, 9]), np.array([30.0, 70.0, 90.0])
+    got = lookup(keys, values, np.array([7, 1, 9, 10]), np.array([-1.0, -2.0, -3.0, -4.0]))
+    assert got.tolist() == [70.0, -2.0, 90.0, -4.0]
+    assert lookup(np.array([], dtype=int), np.array([]), np.array([1, 2]), 5.0).tolist() == [5.0, 5.0]
+
+
+@pytest.mark.slow
+def test_default_boosted_model_quality(green_2021) -> None:
+    """Target: RMSE <= 5.50 on 2021-02 and 2021-03 when trained on 2021-01 (the course's best tuned XGBoost: 6.30)."""
+    train_x, train_y, _ = green_2021["2021-01"]
+    model = build("lightgbm").fit(train_x, train_y)
+    for month in ("2021-02", "2021-03"):
+        val_x, val_y, _ = green_2021[month]
+        assert regression_metrics(val_y, model.predict(val_x))["rmse"] <= 5.50, month
