@@ -48,7 +48,8 @@ def test_train_and_register_on_postgres(settings: Settings, postgres_uri: str) -
     with engine.connect() as conn:
         runs = conn.execute(sa.text("SELECT run_uuid FROM runs")).scalars().all()
         val_rmse = conn.execute(sa.text("SELECT value FROM latest_metrics WHERE key = 'val_rmse'")).scalar_one()
-        alias = conn.execute(sa.text("SELECT version FROM registered_model_aliases WHERE alias = 'champion'")).scalar_one()
+        alias = conn.execute(sa.text("SELECT version FROM registered_model_aliases WHERE alias = :a"),
+                             {"a": CHAMPION}).scalar_one()
     engine.dispose()
     assert runs == [result.run_id] and val_rmse == pytest.approx(result.val_rmse) and str(alias) == "1"
     assert not (prod.mlflow_dir / "mlflow.db").exists()
