@@ -11,9 +11,9 @@ import pytest
 from tripcast import features as feats
 from tripcast.config import Settings
 from tripcast.data import tlc
+from tripcast.metrics import regression_metrics
 from tripcast.models import FAMILIES, TripDurationPipeline, build
 from tripcast.models.base import lookup
-from tripcast.training import regression_metrics
 
 
 def _month(settings: Settings, month: str) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
@@ -73,3 +73,21 @@ def test_default_boosted_model_quality(green_2021) -> None:
     for month in ("2021-02", "2021-03"):
         val_x, val_y, _ = green_2021[month]
         assert regression_metrics(val_y, model.predict(val_x))["rmse"] <= 5.50, month
+
+
+def test_linear_predicts_what_the_course_code_predicts(green_2021) -> None:
+    """Same columns in the same order as DictVectorizer, so scikit-learn's solver takes the same path."""
+    from sklearn.feature_extraction import DictVectorizer
+    from sklearn.linear_model import LinearRegression
+
+    (train_x, train_y, train_rides), (val_x, _, val_rides) = green_2021["2021-01"], green_2021["2021-02"]
+
+    def records(rides: pd.DataFrame) -> list[dict]:
+        pair = rides["PULocationID"].astype(str) + "_" + rides["DOLocationID"].astype(str)
+        return pd.DataFrame({"PU_DO": pair, "trip_distance": rides["trip_distance"]}).to_dict(orient="records")
+
+    dv = DictVectorizer()
+    course = LinearRegression().fit(dv.fit_transform(records(train_rides)), train_y)
+    expected = course.predict(dv.transform(records(val_rides)))
+    got = build("linear").fit(train_x, train_y).predict(val_x)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)

@@ -26,11 +26,11 @@ import optuna
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
-from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 from tripcast import features as feats
 from tripcast.config import Settings
 from tripcast.data import tlc
+from tripcast.metrics import regression_metrics
 from tripcast.models import FAMILIES, TripDurationPipeline, build
 from tripcast.models.tuning import suggest_params
 from tripcast.tracking import configure, source_tags
@@ -90,14 +90,6 @@ def build_features(train_data: MonthData, val_data: MonthData) -> FeatureSet:
                       pre.transform(val_data.rides), feats.targets(val_data.rides))
 
 
-def regression_metrics(actual: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
-    return {
-        "rmse": float(np.sqrt(mean_squared_error(actual, predicted))),
-        "mae": float(mean_absolute_error(actual, predicted)),
-        "r2": float(r2_score(actual, predicted)),
-    }
-
-
 @dataclass
 class TrainingResult:
     run_id: str
@@ -120,7 +112,7 @@ class TrainingResult:
 def tune(model: str, train: MonthData, trials: int, timeout: float | None, seed: int = 42) -> dict[str, Any]:
     """Optuna search on the training month alone: its last fifth (by pickup time) is the hold-out, so the
     validation month stays unseen until the final evaluation. Each trial is a nested MLflow run."""
-    family = FAMILIES[model][0].family if model == "baseline" else model
+    family = model if model in ("ridge", "lasso") else FAMILIES[model][0]
     rides = train.rides.sort_values("pickup_datetime", kind="stable")
     cut = int(len(rides) * 0.8)
     pre = feats.Preprocessor()

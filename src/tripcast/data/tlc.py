@@ -241,16 +241,18 @@ def _normalise(table: pa.Table, color: str) -> pa.Table:
     return pa.table({name: columns[name] for name in CANONICAL_COLUMNS})
 
 
+def _read_table(color: str, month: str | Month, settings: Settings) -> pa.Table:
+    return _normalise(pq.read_table(fetch(color, month, settings), columns=list(SCHEMAS[color])), color)
+
+
 def read_month(color: str, month: str | Month, settings: Settings) -> pd.DataFrame:
     """The month as a canonical frame (see CANONICAL_COLUMNS), fetched if not cached."""
-    path = fetch(color, month, settings)
-    table = pq.read_table(path, columns=list(SCHEMAS[color]))
-    return _normalise(table, color).to_pandas()
+    return _read_table(color, month, settings).to_pandas()
 
 
 def read_months(color: str, months: list[Month], settings: Settings) -> pd.DataFrame:
-    frames = [read_month(color, month, settings) for month in months]
-    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    """Several months as one canonical frame (joined as Arrow tables: one conversion to pandas)."""
+    return pa.concat_tables([_read_table(color, month, settings) for month in months]).to_pandas()
 
 
 def cached_files(settings: Settings) -> Iterator[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -10,27 +11,34 @@ import pandas as pd
 
 from tripcast.features import Preprocessor
 from tripcast.models.base import DurationModel, read_json, write_json
-from tripcast.models.baseline import ZonePairMedian
-from tripcast.models.boosted import LightGBMDuration
-from tripcast.models.linear import LinearDuration
 
-# CLI name -> (class, fixed constructor arguments)
-FAMILIES: dict[str, tuple[type, dict[str, Any]]] = {
-    "baseline": (ZonePairMedian, {}),
-    "linear": (LinearDuration, {"kind": "linear"}),
-    "ridge": (LinearDuration, {"kind": "ridge"}),
-    "lasso": (LinearDuration, {"kind": "lasso", "alpha": 0.001}),
-    "lightgbm": (LightGBMDuration, {}),
+# CLI name -> (family saved in pipeline.json, fixed constructor arguments). Classes are imported on use, so
+# a process serving a linear model never pays for importing LightGBM.
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "baseline": ("baseline", {}),
+    "linear": ("linear", {"kind": "linear"}),
+    "ridge": ("linear", {"kind": "ridge"}),
+    "lasso": ("linear", {"kind": "lasso", "alpha": 0.001}),
+    "lightgbm": ("lightgbm", {}),
 }
 DEFAULT_FAMILY = "lightgbm"
-_CLASSES = {cls.family: cls for cls, _ in FAMILIES.values()}
+_CLASSES = {
+    "baseline": ("tripcast.models.baseline", "ZonePairMedian"),
+    "linear": ("tripcast.models.linear", "LinearDuration"),
+    "lightgbm": ("tripcast.models.boosted", "LightGBMDuration"),
+}
+
+
+def family_class(family: str) -> type:
+    module, name = _CLASSES[family]
+    return getattr(importlib.import_module(module), name)
 
 
 def build(name: str, **params: Any) -> DurationModel:
     if name not in FAMILIES:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(FAMILIES)}")
-    cls, fixed = FAMILIES[name]
-    return cls(**(fixed | params))
+    family, fixed = FAMILIES[name]
+    return family_class(family)(**(fixed | params))
 
 
 class TripDurationPipeline:
@@ -58,5 +66,5 @@ class TripDurationPipeline:
     @classmethod
     def load(cls, folder: Path) -> TripDurationPipeline:
         meta = read_json(folder / "pipeline.json")
-        estimator = _CLASSES[meta["family"]].load(folder)
+        estimator = family_class(meta["family"]).load(folder)
         return cls(meta["name"], estimator, Preprocessor.from_dict(meta["preprocessor"]))
