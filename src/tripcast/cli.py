@@ -143,8 +143,7 @@ def evaluate(
 
 @app.command()
 def quickstart(verbose: Verbose = False) -> None:
-    """The main job: pull green 2021-01..03, train baseline, linear and LightGBM, promote the best,
-    evaluate the champion on 2021-03."""
+    """The main job: green 2021-01..03; baseline, linear, LightGBM; promote the best; test on 2021-03."""
     settings = _settings(verbose)
     from tripcast.flows.train import quickstart_flow
 
