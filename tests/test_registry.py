@@ -92,3 +92,15 @@ def test_tuning_logs_each_trial_as_a_nested_run(settings: Settings, prefect_serv
     parent = mlflow.get_run(result["run_id"])
     assert float(parent.data.params["alpha"]) in set(children["params.alpha"].astype(float))
     assert parent.data.params["tuning_trials_done"] == "3"
+
+
+def test_monthly_deployment_registers_with_its_schedule(settings: Settings, prefect_server: str) -> None:
+    from prefect import get_client
+
+    from tripcast.flows.train import deployment
+
+    deployment_id = deployment("0 6 5 * *", "lightgbm", "green").apply()
+    with get_client(sync_client=True) as client:
+        stored = client.read_deployment(deployment_id)
+    assert stored.name == "monthly-retrain" and stored.parameters == {"color": "green", "model": "lightgbm"}
+    assert [s.schedule.cron for s in stored.schedules] == ["0 6 5 * *"]

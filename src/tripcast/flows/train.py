@@ -129,7 +129,15 @@ def quickstart_flow(color: str = "green", train_month: str = "2021-01", val_mont
     return {"runs": runs, "test": test}
 
 
-def serve_schedule(cron: str, model: str, color: str, name: str = "monthly-retrain") -> None:
-    """Serve a deployment of ``train`` on a cron schedule (blocks; needs a Prefect server)."""
-    train_flow.serve(name=name, cron=cron, parameters={"color": color, "model": model},
-                     description="Retrain on the two most recent TLC months and apply the promotion policy.")
+def deployment(cron: str, model: str, color: str, name: str = "monthly-retrain"):
+    """A deployment of ``train`` on a cron schedule; with no months it trains on the latest two."""
+    return train_flow.to_deployment(
+        name=name, cron=cron, parameters={"color": color, "model": model},
+        description="Retrain on the two most recent TLC months and apply the promotion policy.")
+
+
+def serve_schedule(cron: str, model: str, color: str) -> None:
+    """Register the deployment and run it from this process when due (blocks; needs a Prefect server)."""
+    from prefect import serve
+
+    serve(deployment(cron, model, color))
