@@ -176,6 +176,22 @@ def schedule(
     serve_schedule(cron, model, color)
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes (use PostgreSQL stores with more than one).",
+                                         min=1)] = 1,
+    verbose: Verbose = False,
+) -> None:
+    """Serve predictions from the registry's champion (FastAPI on uvicorn); follows the alias as it moves."""
+    _settings(verbose)
+    import uvicorn
+
+    uvicorn.run("tripcast.serving.app:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level="info" if verbose else "warning", access_log=verbose)
+
+
 # --- registry ------------------------------------------------------------------------------------------
 def _registry():
     from tripcast.registry import Registry

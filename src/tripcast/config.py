@@ -44,6 +44,17 @@ class Settings:
     max_distance: float | None = None  # miles; None keeps the course's filters (duration only)
     promotion_margin: float = 0.01  # relative RMSE improvement a challenger needs over the champion
     progress: bool = True
+    # Serving (see tripcast.serving): alias followed, traffic policy, prediction log.
+    serve_alias: str = "champion"
+    poll_seconds: float = 10.0
+    admin_token: str | None = None
+    traffic_mode: str = "champion"  # champion | ab | shadow
+    challenger_weight: float = 0.1  # share of rides the challenger serves in "ab" mode
+    batch_limit: int = 10_000
+    monitoring_uri: str | None = None  # SQLAlchemy URL of the monitoring store; None: SQLite under home
+    log_queue_size: int = 100_000
+    log_batch_size: int = 1_000
+    log_flush_seconds: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -71,6 +82,14 @@ class Settings:
         if uri.startswith(("http://", "https://", "databricks")):
             return None
         return (self.mlflow_dir / "artifacts").resolve().as_uri()
+
+    @property
+    def resolved_monitoring_uri(self) -> str:
+        return self.monitoring_uri or f"sqlite:///{(self.home / 'monitoring.db').resolve()}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
 
     def with_overrides(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -118,4 +137,8 @@ def load_settings(config_file: Path | None = None, env: dict[str, str] | None = 
     settings = Settings(**values)
     if settings.min_duration >= settings.max_duration:
         raise ConfigError("min_duration must be below max_duration")
+    if settings.traffic_mode not in ("champion", "ab", "shadow"):
+        raise ConfigError(f"traffic_mode {settings.traffic_mode!r}: choose champion, ab or shadow")
+    if not 0.0 <= settings.challenger_weight <= 1.0:
+        raise ConfigError("challenger_weight must be between 0 and 1")
     return settings

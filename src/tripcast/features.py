@@ -8,6 +8,7 @@ Only features known when a ride is requested are used: zones, their pair, distan
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,17 @@ from tripcast.errors import DataError
 ZONE_MIN, ZONE_MAX = 1, 265  # TLC taxi zones 1..265 (264/265 are "Unknown")
 TARGET = "duration"
 REQUEST_COLUMNS = ["PULocationID", "DOLocationID", "trip_distance"]
+
+
+NEW_YORK = "America/New_York"
+
+
+def local_naive(value: datetime | pd.Timestamp | None, timezone: str = NEW_YORK) -> pd.Timestamp:
+    """A pickup time as the TLC records it: naive New York time. None means now; aware times are converted."""
+    if value is None or value is pd.NaT:
+        return pd.Timestamp.now(tz=timezone).tz_localize(None)
+    stamp = pd.Timestamp(value)
+    return stamp.tz_convert(timezone).tz_localize(None) if stamp.tzinfo else stamp
 
 
 def duration_minutes(rides: pd.DataFrame) -> np.ndarray:
@@ -85,7 +97,7 @@ class Preprocessor:
     A missing pickup time means "now" in New York, where the TLC's naive timestamps live.
     """
 
-    timezone: str = "America/New_York"
+    timezone: str = NEW_YORK
     version: int = 1
 
     FEATURES = ("PULocationID", "DOLocationID", "zone_pair", "trip_distance", "pickup_hour", "pickup_dow")
@@ -134,10 +146,9 @@ class Preprocessor:
         if value is None or (isinstance(value, float) and np.isnan(value)):
             return pd.NaT
         try:
-            stamp = pd.Timestamp(value)
+            return local_naive(pd.Timestamp(value), self.timezone)
         except (ValueError, TypeError):
             raise DataError(f"pickup_datetime {value!r} is not an ISO 8601 time") from None
-        return stamp.tz_convert(self.timezone).tz_localize(None) if stamp.tzinfo else stamp
 
     def to_dict(self) -> dict:
         return asdict(self)

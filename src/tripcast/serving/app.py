@@ -1,0 +1,271 @@
+"""The online API: predictions from the model a registry alias points at, with every prediction logged.
+
+Run with ``tripcast serve`` (uvicorn). The model is always resolved from the registry by alias, never a path.
+"""
+# No `from __future__ import annotations`: FastAPI must see the batch model, built at runtime, as a type.
+
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Annotated
+
+import numpy as np
+import pandas as pd
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from tripcast.config import Settings, load_settings
+from tripcast.errors import DataError
+from tripcast.features import ZONE_MAX, ZONE_MIN, local_naive
+from tripcast.registry import CHALLENGER, Registry
+from tripcast.serving.holder import AliasWatcher, LoadedModel, ModelHolder
+from tripcast.serving.predlog import PredictionLog
+from tripcast.serving.traffic import CHALLENGER_ARM, CHAMPION_ARM, TrafficPolicy
+
+MAX_DISTANCE = 200.0  # miles; a longer "ride" is a meter error, not a request we can answer
+ZoneID = Annotated[int, Field(strict=True, ge=ZONE_MIN, le=ZONE_MAX, description="TLC taxi zone, 1..265")]
+
+
+class Ride(BaseModel):
+    """The course's request shape, plus an optional ride_id and pickup time."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"PULocationID": 10, "DOLocationID": 50, "trip_distance": 40}]})
+
+    PULocationID: ZoneID
+    DOLocationID: ZoneID
+    trip_distance: float = Field(strict=True, ge=0, le=MAX_DISTANCE, allow_inf_nan=False, description="miles")
+    ride_id: str | None = Field(None, min_length=1, max_length=128)
+    pickup_datetime: datetime | None = Field(None, description="ISO 8601; naive means New York time; default now")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    alias: str
+
+
+class Prediction(BaseModel):
+    ride_id: str
+    duration: float = Field(description="minutes")
+    model: ModelRef
+    arm: str
+
+
+class BatchPrediction(BaseModel):
+    predictions: list[Prediction]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("tripcast_requests", "HTTP requests", ["path", "status"], registry=r)
+        self.latency = Histogram("tripcast_request_seconds", "Request latency", ["path"], registry=r,
+                                 buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+        self.predictions = Counter("tripcast_predictions", "Rides predicted", ["version", "arm"], registry=r)
+        self.queue_depth = Gauge("tripcast_log_queue_depth", "Predictions waiting to be logged", registry=r)
+        self.logs_dropped = Gauge("tripcast_log_dropped", "Predictions not logged (queue full)", registry=r)
+        self.logs_spooled = Gauge("tripcast_log_spooled", "Predictions spooled while the store was down",
+                                  registry=r)
+        self.logs_written = Gauge("tripcast_log_written", "Predictions written to the store", registry=r)
+        self.store_up = Gauge("tripcast_log_store_up", "1 if the monitoring store accepted the last write",
+                              registry=r)
+        self.reloads = Gauge("tripcast_model_reloads", "Model versions loaded", ["alias"], registry=r)
+        self.reload_failures = Gauge("tripcast_model_reload_failures", "Failed model loads", ["alias"], registry=r)
+        self.served_version = Gauge("tripcast_served_version", "Version served per alias", ["alias"], registry=r)
+
+
+class MetricsMiddleware:
+    """Pure ASGI (no per-request task or body copy): counts requests by status and times them."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = scope["path"] if scope["path"] in _KNOWN_PATHS else "other"
+            self.metrics.requests.labels(path, str(status)).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - started)
+
+
+_KNOWN_PATHS = {"/predict", "/predict/batch", "/health", "/ready", "/model", "/metrics", "/admin/reload"}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    registry = Registry(settings)
+    policy = TrafficPolicy(settings.traffic_mode, settings.challenger_weight)
+    champion = ModelHolder(registry, settings.serve_alias)
+    challenger = ModelHolder(registry, CHALLENGER) if policy.uses_challenger else None
+    holders = [h for h in (champion, challenger) if h is not None]
+    metrics = Metrics()
+
+    def shadow_scores(records: list[dict]) -> tuple[list[float], str] | None:
+        model = challenger.current if challenger else None
+        if model is None:
+            return None
+        return model.pipeline.predict(pd.DataFrame.from_records(records)).tolist(), model.version
+
+    predlog = PredictionLog(settings.resolved_monitoring_uri, settings.spool_dir, settings.log_queue_size,
+                            settings.log_batch_size, settings.log_flush_seconds,
+                            shadow=shadow_scores if policy.shadow else None)
+    watcher = AliasWatcher(holders, settings.poll_seconds)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for holder in holders:
+            await run_in_threadpool(holder.refresh)
+        watcher.start()
+        predlog.start()
+        yield
+        watcher.stop()
+        await run_in_threadpool(predlog.stop)
+
+    app = FastAPI(title="tripcast", version="1", lifespan=lifespan,
+                  description="NYC taxi trip duration predictions from the MLflow registry's champion.")
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.state.settings, app.state.holders, app.state.predlog = settings, holders, predlog
+
+    @app.exception_handler(DataError)
+    async def data_error(request: Request, exc: DataError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": [{"loc": ["body"], "msg": str(exc)}]})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # One message per field. The offending input is not echoed: it may be NaN, which JSON cannot carry.
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": errors})
+
+    def score(rides: list[Ride]) -> list[dict]:
+        """Score rides (vectorised per arm) and queue them for the log."""
+        served = champion.current
+        if served is None:
+            raise HTTPException(503, f"no model loaded: the registry has no '{champion.alias}' version yet"
+                                     + (f" (last error: {champion.last_error})" if champion.last_error else ""))
+        other = challenger.current if challenger is not None else None
+        ride_ids = [r.ride_id or uuid.uuid4().hex for r in rides]
+        pickups = [local_naive(r.pickup_datetime) for r in rides]
+        frame = pd.DataFrame({
+            "PULocationID": np.fromiter((r.PULocationID for r in rides), np.int32, len(rides)),
+            "DOLocationID": np.fromiter((r.DOLocationID for r in rides), np.int32, len(rides)),
+            "trip_distance": np.fromiter((r.trip_distance for r in rides), np.float64, len(rides)),
+            "pickup_datetime": pd.to_datetime(pickups),
+        })
+        arms = np.array([policy.arm(i, other is not None) for i in ride_ids])
+        durations = np.empty(len(rides))
+        models: dict[str, LoadedModel] = {CHAMPION_ARM: served}
+        if other is not None:
+            models[CHALLENGER_ARM] = other
+        for arm, model in models.items():
+            chosen = arms == arm
+            if chosen.any():
+                durations[chosen] = model.pipeline.predict(frame[chosen] if not chosen.all() else frame)
+                metrics.predictions.labels(model.version, arm).inc(int(chosen.sum()))
+        now = datetime.now(UTC).replace(tzinfo=None)
+        results = []
+        for i, ride in enumerate(rides):
+            model = models[arms[i]]
+            duration = float(durations[i])
+            predlog.put({"ride_id": ride_ids[i], "logged_at": now, "pickup_datetime": pickups[i],
+                         "PULocationID": ride.PULocationID, "DOLocationID": ride.DOLocationID,
+                         "trip_distance": ride.trip_distance, "prediction": duration,
+                         "model_version": model.version, "arm": arms[i], "source": "api"})
+            results.append({"ride_id": ride_ids[i], "duration": duration, "arm": str(arms[i]),
+                            "model": {"name": model.name, "version": model.version, "alias": model.alias}})
+        return results
+
+    @app.post("/predict", response_model=Prediction, responses={503: {"description": "no model loaded"}})
+    async def predict(ride: Ride, response: Response) -> dict:
+        result = score([ride])[0]
+        response.headers["X-Model-Version"] = result["model"]["version"]
+        return result
+
+    batch_body = create_model(
+        "RideBatch", __config__=ConfigDict(extra="forbid"),
+        rides=(list[Ride], Field(min_length=1, max_length=settings.batch_limit)))
+
+    @app.post("/predict/batch", response_model=BatchPrediction, responses={503: {"description": "no model"}})
+    async def predict_batch(batch: batch_body, response: Response) -> dict:  # type: ignore[valid-type]
+        results = score(batch.rides)
+        response.headers["X-Model-Version"] = ",".join(sorted({r["model"]["version"] for r in results}))
+        return {"predictions": results}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(response: Response) -> dict:
+        body = {"ready": champion.current is not None, "alias": champion.alias,
+                "version": champion.current.version if champion.current else None,
+                "last_reload_error": champion.last_error}
+        if champion.current is None:
+            response.status_code = 503
+        return body
+
+    @app.get("/model")
+    async def model() -> dict:
+        def state(holder: ModelHolder) -> dict:
+            return {"serving": holder.current.describe() if holder.current else None,
+                    "reloads": holder.reloads, "reload_failures": holder.failures,
+                    "last_reload_error": holder.last_error, "last_check": holder.last_check}
+
+        return {"traffic": {"mode": policy.mode, "challenger_weight": policy.challenger_weight},
+                "champion": state(champion), "challenger": state(challenger) if challenger else None,
+                "prediction_log": {"queued": predlog.depth, "written": predlog.written,
+                                   "spooled": predlog.spooled, "dropped": predlog.dropped,
+                                   "store_up": predlog.store_up, "last_error": predlog.last_error}}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.queue_depth.set(predlog.depth)
+        metrics.logs_dropped.set(predlog.dropped)
+        metrics.logs_spooled.set(predlog.spooled)
+        metrics.logs_written.set(predlog.written)
+        metrics.store_up.set(1 if predlog.store_up else 0)
+        for holder in holders:
+            metrics.reloads.labels(holder.alias).set(holder.reloads)
+            metrics.reload_failures.labels(holder.alias).set(holder.failures)
+            metrics.served_version.labels(holder.alias).set(int(holder.current.version) if holder.current else 0)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def admin(authorization: Annotated[str | None, Header()] = None) -> None:
+        if not settings.admin_token:
+            raise HTTPException(403, "admin endpoints are disabled: set TRIPCAST_ADMIN_TOKEN")
+        if not authorization or not authorization.startswith("Bearer "):
+            raise HTTPException(401, "missing 'Authorization: Bearer <token>' header",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not secrets.compare_digest(authorization.removeprefix("Bearer ").encode(), settings.admin_token.encode()):
+            raise HTTPException(403, "wrong admin token")
+
+    @app.post("/admin/reload", dependencies=[Depends(admin)],
+              responses={401: {"description": "no token"}, 403: {"description": "wrong token"}})
+    async def reload() -> dict:
+        """Check the registry now (e.g. from an MLflow registry webhook) instead of waiting for the poll."""
+        changed = {h.alias: await run_in_threadpool(h.refresh) for h in holders}
+        return {alias: {"changed": changed[alias], "version": h.current.version if h.current else None,
+                        "last_reload_error": h.last_error} for alias, h in zip(changed, holders, strict=True)}
+
+    return app

@@ -1,0 +1,103 @@
+"""Follow a registry alias: load and warm a new version off the request path, then switch atomically.
+
+Requests read ``holder.current`` once and use that object to the end, so requests in flight finish on the
+model they started with. A failed load leaves the old model serving and is reported (``last_error``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+
+from tripcast.models import TripDurationPipeline
+from tripcast.registry import Registry
+
+log = logging.getLogger(__name__)
+WARM_RIDES = pd.DataFrame({"PULocationID": [130, 74], "DOLocationID": [205, 75], "trip_distance": [3.7, 1.2],
+                           "pickup_datetime": ["2021-02-01T08:30:00", "2021-02-06T13:15:00"]})
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    version: str
+    alias: str
+    run_id: str
+    loaded_at: str
+    pipeline: TripDurationPipeline = field(repr=False)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "version": self.version, "alias": self.alias, "run_id": self.run_id,
+                "model": self.pipeline.name, "loaded_at": self.loaded_at, "validation": self.metrics}
+
+
+class ModelHolder:
+    def __init__(self, registry: Registry, alias: str) -> None:
+        self.registry = registry
+        self.alias = alias
+        self.current: LoadedModel | None = None
+        self.last_error: str | None = None
+        self.last_check: str | None = None
+        self.reloads = 0
+        self.failures = 0
+        self._lock = threading.Lock()  # one refresh at a time (watcher and /admin/reload)
+
+    def refresh(self) -> bool:
+        """Load the version the alias points at, if it changed. True if a new model is now served."""
+        with self._lock:
+            self.last_check = datetime.now(UTC).isoformat(timespec="seconds")
+            try:
+                version = self.registry.current(self.alias)
+                if version is None or (self.current is not None and self.current.version == version):
+                    return False
+                loaded = self._load(version)
+            except Exception as exc:  # any failure: keep serving what we have, and say why
+                self.failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                log.warning("alias %s: reload failed, still serving %s: %s", self.alias,
+                            self.current.version if self.current else "nothing", self.last_error)
+                return False
+            self.current = loaded  # the atomic switch: one reference assignment
+            self.reloads += 1
+            self.last_error = None
+            log.info("alias %s: now serving version %s", self.alias, version)
+            return True
+
+    def _load(self, version: str) -> LoadedModel:
+        mv, pipeline = self.registry.load_pipeline(version)
+        warm = pipeline.predict(WARM_RIDES)  # first call pays lazy initialisation, not a user's request
+        if not np.isfinite(warm).all():
+            raise ValueError(f"version {version} predicts non-finite durations")
+        run = self.registry.client.get_run(mv.run_id) if mv.run_id else None
+        metrics = {k: round(v, 4) for k, v in (run.data.metrics if run else {}).items()
+                   if k in ("val_rmse", "val_mae", "val_r2", "baseline_val_rmse")}
+        return LoadedModel(self.registry.name, str(mv.version), self.alias, mv.run_id or "",
+                           datetime.now(UTC).isoformat(timespec="seconds"), pipeline, metrics)
+
+
+class AliasWatcher:
+    """Polls the registry every ``interval`` seconds in a daemon thread."""
+
+    def __init__(self, holders: list[ModelHolder], interval: float) -> None:
+        self.holders = holders
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="alias-watcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for holder in self.holders:
+                holder.refresh()

@@ -1,0 +1,153 @@
+"""The prediction log: every prediction goes to the monitoring store, in the background, in batches.
+
+Writing never blocks or fails a request: ``put`` only appends to a bounded queue. A writer thread drains it;
+when the store is down, batches are appended to a local spool file (JSON lines) and replayed, in one
+transaction, once the store answers again. A record is only ever lost when the queue is full, and then it is
+counted (``dropped``). Shadow predictions are computed here too, per batch, off the response path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+from tripcast.store import connect, predictions
+
+log = logging.getLogger(__name__)
+ShadowScorer = Callable[[list[dict]], tuple[list[float], str] | None]
+_DATETIME_FIELDS = ("logged_at", "pickup_datetime")
+
+
+class PredictionLog:
+    def __init__(self, url: str, spool_dir: Path, queue_size: int = 100_000, batch_size: int = 1_000,
+                 flush_seconds: float = 0.5, shadow: ShadowScorer | None = None) -> None:
+        self.url = url
+        self.spool = spool_dir / "predictions.jsonl"
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        self.batch_size = batch_size
+        self.flush_seconds = flush_seconds
+        self.shadow = shadow
+        self._queue: queue.Queue[dict] = queue.Queue(maxsize=queue_size)
+        self._engine = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self.written = 0
+        self.spooled = 0
+        self.dropped = 0
+        self.store_up = True
+        self.last_error: str | None = None
+
+    # --- request side --------------------------------------------------------------------------------
+    def put(self, record: dict) -> None:
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def spool_records(self) -> int:
+        if not self.spool.exists():
+            return 0
+        with self.spool.open("rb") as handle:
+            return sum(1 for _ in handle)
+
+    # --- writer side ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        """Flush what is queued (to the store, or the spool) and stop."""
+        self._stop.set()
+        self._thread.join(timeout=timeout)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch:
+                self._write(batch)
+            elif self.spool.exists():
+                self._write([])  # nothing new: still try to replay the spool
+            if self._stop.is_set() and self._queue.empty():
+                return
+
+    def _take(self) -> list[dict]:
+        batch: list[dict] = []
+        try:
+            batch.append(self._queue.get(timeout=self.flush_seconds))
+            while len(batch) < self.batch_size:
+                batch.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        return batch
+
+    def _write(self, batch: list[dict]) -> None:
+        if batch and self.shadow is not None:
+            self._add_shadow(batch)
+        try:
+            if self._engine is None:
+                self._engine = connect(self.url)
+            pending = self._read_spool()
+            with self._engine.begin() as conn:
+                if pending:
+                    conn.execute(predictions.insert(), pending)
+                if batch:
+                    conn.execute(predictions.insert(), batch)
+            if pending:
+                self.spool.unlink()
+                log.info("prediction log: replayed %d spooled records", len(pending))
+            self.written += len(pending) + len(batch)
+            self.store_up, self.last_error = True, None
+        except Exception as exc:  # store down (SQLAlchemyError, OSError) or anything else: never lose the batch
+            self.store_up, self.last_error = False, f"{type(exc).__name__}: {exc}"[:300]
+            if batch:
+                self._append_spool(batch)
+            self._stop.wait(min(5.0, self.flush_seconds * 4))  # back off while the store is down
+
+    def _add_shadow(self, batch: list[dict]) -> None:
+        try:
+            scored = self.shadow(batch)
+        except Exception as exc:  # a broken challenger must not cost us the log
+            log.warning("shadow scoring failed: %s", exc)
+            return
+        if scored is not None:
+            values, version = scored
+            for record, value in zip(batch, values, strict=True):
+                record["shadow_prediction"], record["shadow_version"] = float(value), version
+
+    def _append_spool(self, batch: list[dict]) -> None:
+        lines = "".join(json.dumps(_jsonable(r)) + "\n" for r in batch)
+        with self.spool.open("a") as handle:
+            handle.write(lines)
+            handle.flush()
+        self.spooled += len(batch)
+
+    def _read_spool(self) -> list[dict]:
+        if not self.spool.exists():
+            return []
+        records = []
+        with self.spool.open() as handle:
+            for line in handle:
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except ValueError:  # a line torn by a crash mid-write: count it, keep the rest
+                        self.dropped += 1
+                        continue
+                    for key in _DATETIME_FIELDS:
+                        if record.get(key):
+                            record[key] = datetime.fromisoformat(record[key])
+                    records.append(record)
+        return records
+
+
+def _jsonable(record: dict) -> dict:
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in record.items()}
