@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from tripcast.config import Settings, load_settings
 from tripcast.errors import DataError
@@ -28,6 +28,7 @@ from tripcast.serving.holder import AliasWatcher, LoadedModel, ModelHolder
 from tripcast.serving.predlog import PredictionLog
 from tripcast.serving.traffic import CHALLENGER_ARM, CHAMPION_ARM, TrafficPolicy
 
+FIRST_PICKUP_YEAR, LAST_PICKUP_YEAR = 2009, 2100  # TLC records start in 2009; beyond 2262 pandas overflows
 MAX_DISTANCE = 200.0  # miles; a longer "ride" is a meter error, not a request we can answer
 ZoneID = Annotated[int, Field(strict=True, ge=ZONE_MIN, le=ZONE_MAX, description="TLC taxi zone, 1..265")]
 
@@ -43,6 +44,13 @@ class Ride(BaseModel):
     trip_distance: float = Field(strict=True, ge=0, le=MAX_DISTANCE, allow_inf_nan=False, description="miles")
     ride_id: str | None = Field(None, min_length=1, max_length=128)
     pickup_datetime: datetime | None = Field(None, description="ISO 8601; naive means New York time; default now")
+
+    @field_validator("pickup_datetime")
+    @classmethod
+    def plausible_pickup(cls, value: datetime | None) -> datetime | None:
+        if value is not None and not FIRST_PICKUP_YEAR <= value.year <= LAST_PICKUP_YEAR:
+            raise ValueError(f"must be between {FIRST_PICKUP_YEAR} and {LAST_PICKUP_YEAR}")
+        return value
 
 
 class ModelRef(BaseModel):

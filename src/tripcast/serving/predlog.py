@@ -2,17 +2,22 @@
 
 Writing never blocks or fails a request: ``put`` only appends to a bounded queue. A writer thread drains it;
 when the store is down, batches are appended to a local spool file (JSON lines) and replayed, in one
-transaction, once the store answers again. A record is only ever lost when the queue is full, and then it is
+transaction, once the store answers again. There is one spool per store (named by a hash of its URL), so a
+spool is only ever replayed into the store it was meant for, and appends and replays hold an exclusive file
+lock, so several worker processes can share it. A record is only ever lost when the queue is full, and then it is
 counted (``dropped``). Shadow predictions are computed here too, per batch, off the response path.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -27,8 +32,10 @@ class PredictionLog:
     def __init__(self, url: str, spool_dir: Path, queue_size: int = 100_000, batch_size: int = 1_000,
                  flush_seconds: float = 0.5, shadow: ShadowScorer | None = None) -> None:
         self.url = url
-        self.spool = spool_dir / "predictions.jsonl"
         spool_dir.mkdir(parents=True, exist_ok=True)
+        store_key = hashlib.sha256(url.encode()).hexdigest()[:12]
+        self.spool = spool_dir / f"predictions-{store_key}.jsonl"
+        self._spool_lock = spool_dir / f"predictions-{store_key}.lock"
         self.batch_size = batch_size
         self.flush_seconds = flush_seconds
         self.shadow = shadow
@@ -95,15 +102,16 @@ class PredictionLog:
         try:
             if self._engine is None:
                 self._engine = connect(self.url)
-            pending = self._read_spool()
-            with self._engine.begin() as conn:
+            with self._locked():
+                pending = self._read_spool()
+                with self._engine.begin() as conn:
+                    if pending:
+                        conn.execute(predictions.insert(), pending)
+                    if batch:
+                        conn.execute(predictions.insert(), batch)
                 if pending:
-                    conn.execute(predictions.insert(), pending)
-                if batch:
-                    conn.execute(predictions.insert(), batch)
-            if pending:
-                self.spool.unlink()
-                log.info("prediction log: replayed %d spooled records", len(pending))
+                    self.spool.unlink()
+                    log.info("prediction log: replayed %d spooled records", len(pending))
             self.written += len(pending) + len(batch)
             self.store_up, self.last_error = True, None
         except Exception as exc:  # store down (SQLAlchemyError, OSError) or anything else: never lose the batch
@@ -125,10 +133,19 @@ class PredictionLog:
 
     def _append_spool(self, batch: list[dict]) -> None:
         lines = "".join(json.dumps(_jsonable(r)) + "\n" for r in batch)
-        with self.spool.open("a") as handle:
+        with self._locked(), self.spool.open("a") as handle:
             handle.write(lines)
             handle.flush()
         self.spooled += len(batch)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._spool_lock.open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _read_spool(self) -> list[dict]:
         if not self.spool.exists():

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 
 CHAMPION_ARM, CHALLENGER_ARM = "champion", "challenger"
 
 
 def bucket(ride_id: str) -> float:
     """A stable number in [0, 1) per ride_id: the same ride always lands in the same arm."""
-    return zlib.crc32(ride_id.encode()) / 2**32
+    digest = hashlib.blake2b(ride_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 class TrafficPolicy:

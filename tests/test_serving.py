@@ -1,0 +1,377 @@
+"""The API as a real server process (uvicorn on a free port) against a real MLflow registry and store."""
+
+from __future__ import annotations
+
+import os
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from tripcast import training
+from tripcast.config import Settings
+from tripcast.data import tlc
+from tripcast.registry import CHALLENGER, CHAMPION, Registry, decide
+from tripcast.store import connect, predictions
+
+pytestmark = pytest.mark.slow
+TOKEN = "test-admin-token"
+COURSE_RIDE = {"PULocationID": 10, "DOLocationID": 50, "trip_distance": 40}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """``tripcast serve`` in a subprocess, with its own environment."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "tripcast", "serve", "--port", str(self.port)],
+                                        env=os.environ | env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not become ready:\n{self.process.stdout.read().decode()[-3000:]}")
+
+    def stop(self) -> None:
+        self.process.terminate()  # uvicorn shuts down gracefully: the prediction log is flushed
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, tlc_mirror: Path) -> Iterator[dict]:
+    """A registry with version 1 (champion) and version 2 (challenger), and the rides of 2021-02."""
+    home = tmp_path_factory.mktemp("serving") / "home"
+    env = {"TRIPCAST_HOME": str(home), "TRIPCAST_TLC_MIRROR": str(tlc_mirror), "TRIPCAST_ADMIN_TOKEN": TOKEN,
+           "TRIPCAST_POLL_SECONDS": "0.3", "TRIPCAST_LOG_FLUSH_SECONDS": "0.1", "TRIPCAST_PROGRESS": "false",
+           "TRIPCAST_CONFIG": str(home / "absent.toml")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    settings = Settings(home=home, tlc_mirror=str(tlc_mirror), progress=False)
+    months = {m: training.prepare_month("green", m, tlc.read_month("green", m, settings), settings)
+              for m in ("2021-01", "2021-02")}
+    registry = Registry(settings)
+    versions = []
+    for trees in (60, 200):
+        result = training.train(months["2021-01"], months["2021-02"], "lightgbm", settings,
+                                params={"n_estimators": trees})
+        versions.append(str(registry.register(result.model_uri, result.run_id).version))
+    registry.apply(versions[0], decide(1.0, None, 7.0, 0.01))
+    registry.client.set_registered_model_alias(settings.model_name, CHALLENGER, versions[1])
+    pipelines = {v: registry.load_pipeline(v)[1] for v in versions}
+    yield {"settings": settings, "env": env, "registry": registry, "versions": versions, "pipelines": pipelines,
+           "rides": months["2021-02"].rides}
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def server(world: dict) -> Iterator[Server]:
+    srv = Server(world["env"])
+    yield srv
+    srv.stop()
+
+
+def _requests(rides: pd.DataFrame, prefix: str) -> list[dict]:
+    return [{"PULocationID": int(r.PULocationID), "DOLocationID": int(r.DOLocationID),
+             "trip_distance": float(r.trip_distance), "ride_id": f"{prefix}-{i}",
+             "pickup_datetime": r.pickup_datetime.isoformat()}
+            for i, r in enumerate(rides.itertuples())]
+
+
+def _logged(settings: Settings, prefix: str, expected: int, timeout: float = 15, url: str | None = None):
+    engine = connect(url or settings.resolved_monitoring_uri)
+    deadline = time.monotonic() + timeout
+    while True:
+        with engine.connect() as conn:
+            rows = pd.read_sql(sa.select(predictions).where(predictions.c.ride_id.like(f"{prefix}-%")), conn)
+        if len(rows) >= expected or time.monotonic() > deadline:
+            engine.dispose()
+            return rows
+        time.sleep(0.2)
+
+
+def test_predictions_equal_the_registry_model(world: dict, server: Server) -> None:
+    rides = world["rides"].sample(300, random_state=1)
+    expected = world["pipelines"][world["versions"][0]].predict(rides)
+    body = _requests(rides, "exact")
+    batch = httpx.post(f"{server.url}/predict/batch", json={"rides": body}, timeout=30)
+    assert batch.status_code == 200 and batch.headers["X-Model-Version"] == world["versions"][0]
+    assert [p["duration"] for p in batch.json()["predictions"]] == expected.tolist()
+    singles = [httpx.post(f"{server.url}/predict", json=ride, timeout=10) for ride in body[:25]]
+    assert [r.json()["duration"] for r in singles] == expected[:25].tolist()
+    assert {r.headers["X-Model-Version"] for r in singles} == {world["versions"][0]}
+    assert singles[0].json()["ride_id"] == "exact-0" and singles[0].json()["model"] == {
+        "name": world["settings"].model_name, "version": world["versions"][0], "alias": CHAMPION}
+
+    rows = _logged(world["settings"], "exact", 325)
+    assert len(rows) == 325 and set(rows["model_version"]) == {world["versions"][0]}
+    assert set(rows["arm"]) == {"champion"} and rows["shadow_prediction"].isna().all()
+
+
+def test_the_course_request_works_unchanged(server: Server) -> None:
+    response = httpx.post(f"{server.url}/predict", json=COURSE_RIDE, timeout=10)
+    assert response.status_code == 200
+    assert 1 < response.json()["duration"] < 120 and len(response.json()["ride_id"]) == 32
+
+
+@pytest.mark.parametrize(("payload", "field"), [
+    ({**COURSE_RIDE, "PULocationID": 0}, "PULocationID"),
+    ({**COURSE_RIDE, "DOLocationID": 266}, "DOLocationID"),
+    ({**COURSE_RIDE, "DOLocationID": "50"}, "DOLocationID"),
+    ({**COURSE_RIDE, "PULocationID": 10.5}, "PULocationID"),
+    ({**COURSE_RIDE, "trip_distance": -1}, "trip_distance"),
+    ({**COURSE_RIDE, "trip_distance": 5000}, "trip_distance"),
+    ({**COURSE_RIDE, "trip_distance": "far"}, "trip_distance"),
+    ({**COURSE_RIDE, "trip_distance": None}, "trip_distance"),
+    ({**COURSE_RIDE, "pickup_datetime": "yesterday"}, "pickup_datetime"),
+    ({**COURSE_RIDE, "pickup_datetime": "0422-05-27T01:07:31+17:21"}, "pickup_datetime"),  # found by the fuzz
+    ({**COURSE_RIDE, "pickup_datetime": "6269-02-14T17:44:35Z"}, "pickup_datetime"),
+    ({**COURSE_RIDE, "surge": 2}, "surge"),
+    ({"PULocationID": 10, "DOLocationID": 50}, "trip_distance"),
+])
+def test_bad_input_is_a_422_naming_the_field(server: Server, payload: dict, field: str) -> None:
+    response = httpx.post(f"{server.url}/predict", json=payload, timeout=10)
+    assert response.status_code == 422
+    assert field in [loc for error in response.json()["detail"] for loc in error["loc"]]
+
+
+@pytest.mark.parametrize(("content", "field"), [
+    ('{"PULocationID": 10, "DOLocationID": 50, "trip_distance": NaN}', "trip_distance"),
+    ('{"PULocationID": 10, "DOLocationID": 50, "trip_distance": Infinity}', "trip_distance"),
+    ('{"PULocationID": 10, "DOLocationID": 50', "body"),
+    ("[1, 2]", "body"),
+])
+def test_malformed_json_and_non_finite_numbers_are_422(server: Server, content: str, field: str) -> None:
+    response = httpx.post(f"{server.url}/predict", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert field in [loc for error in response.json()["detail"] for loc in error["loc"]]
+
+
+def test_batch_limits(world: dict, server: Server) -> None:
+    assert httpx.post(f"{server.url}/predict/batch", json={"rides": []}).status_code == 422
+    too_many = {"rides": [COURSE_RIDE] * (world["settings"].batch_limit + 1)}
+    response = httpx.post(f"{server.url}/predict/batch", json=too_many, timeout=30)
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "rides"]
+
+
+def test_admin_needs_the_token(server: Server) -> None:
+    assert httpx.post(f"{server.url}/admin/reload").status_code == 401
+    assert httpx.post(f"{server.url}/admin/reload", headers={"Authorization": "Bearer nope"}).status_code == 403
+    ok = httpx.post(f"{server.url}/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert ok.status_code == 200 and ok.json()[CHAMPION]["changed"] is False
+
+
+def test_hot_swap_under_load_fails_no_request(world: dict, server: Server) -> None:
+    old, new = world["versions"]
+    registry: Registry = world["registry"]
+    results: list[tuple[float, int, str]] = []
+    stop = threading.Event()
+
+    def fire(worker: int) -> None:
+        with httpx.Client(timeout=10) as client:
+            i = 0
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    r = client.post(f"{server.url}/predict", json={**COURSE_RIDE, "ride_id": f"swap-{worker}-{i}"})
+                    results.append((started, r.status_code, r.headers.get("X-Model-Version", "")))
+                except httpx.TransportError as exc:
+                    results.append((started, 0, repr(exc)))
+                i += 1
+
+    with ThreadPoolExecutor(8) as pool:
+        for worker in range(8):
+            pool.submit(fire, worker)
+        time.sleep(1.0)
+        registry.promote(new, reason="hot swap test")
+        swapped_at = None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            served = httpx.get(f"{server.url}/model").json()[CHAMPION]["serving"]["version"]
+            if served == new:
+                swapped_at = time.monotonic()
+                break
+            time.sleep(0.05)
+        time.sleep(1.0)
+        stop.set()
+    assert swapped_at is not None, "the server never switched to the new champion"
+    assert len(results) > 200
+    assert [r for r in results if r[1] != 200] == []
+    assert {r[2] for r in results} == {old, new}
+    assert {r[2] for r in results if r[0] > swapped_at} == {new}
+
+
+def test_a_failing_load_keeps_the_old_model_serving(world: dict, server: Server, tmp_path: Path) -> None:
+    registry: Registry = world["registry"]
+    serving = registry.current(CHAMPION)
+    broken_dir = tmp_path / "broken-model"
+    broken_dir.mkdir()
+    (broken_dir / "MLmodel").write_text("artifact_path: model\nflavors: {}\n")
+    broken = registry.client.create_model_version(registry.name, source=str(broken_dir))
+    registry.promote(broken.version, reason="broken on purpose")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{server.url}/model").json()[CHAMPION]
+        if state["reload_failures"]:
+            break
+        time.sleep(0.1)
+    assert state["reload_failures"] >= 1 and state["last_reload_error"]
+    assert state["serving"]["version"] == serving
+    response = httpx.post(f"{server.url}/predict", json=COURSE_RIDE)
+    assert response.status_code == 200 and response.headers["X-Model-Version"] == serving
+    ready = httpx.get(f"{server.url}/ready").json()
+    assert ready["ready"] and ready["last_reload_error"]
+    assert 'tripcast_model_reload_failures{alias="champion"}' in httpx.get(f"{server.url}/metrics").text
+    registry.rollback()
+
+
+def _with_challenger(world: dict) -> tuple[str, str]:
+    """Point challenger at whichever trained version is not champion (earlier tests move the aliases)."""
+    registry: Registry = world["registry"]
+    champion = registry.current(CHAMPION)
+    challenger = next(v for v in world["versions"] if v != champion)
+    registry.client.set_registered_model_alias(registry.name, CHALLENGER, challenger)
+    return champion, challenger
+
+
+def test_ab_split_is_sticky_and_weighted(world: dict) -> None:
+    champion, challenger = _with_challenger(world)
+    srv = Server(world["env"] | {"TRIPCAST_TRAFFIC_MODE": "ab", "TRIPCAST_CHALLENGER_WEIGHT": "0.3"})
+    try:
+        rides = [{**COURSE_RIDE, "ride_id": f"ab-{i}"} for i in range(3000)]
+        first = httpx.post(f"{srv.url}/predict/batch", json={"rides": rides}, timeout=60).json()["predictions"]
+        again = httpx.post(f"{srv.url}/predict/batch", json={"rides": rides[:500]}, timeout=60).json()["predictions"]
+        singles = [httpx.post(f"{srv.url}/predict", json=r).json() for r in rides[:50]]
+    finally:
+        srv.stop()
+    arms = [p["arm"] for p in first]
+    share = arms.count("challenger") / len(arms)
+    assert abs(share - 0.3) <= 3 * np.sqrt(0.3 * 0.7 / len(arms)), share  # within 3 standard errors
+    assert [p["arm"] for p in again] == arms[:500] and [p["arm"] for p in singles] == arms[:50]
+    assert {p["model"]["version"] for p in first if p["arm"] == "challenger"} == {challenger}
+    assert {p["model"]["version"] for p in first if p["arm"] == "champion"} == {champion}
+
+
+def test_shadow_scores_the_challenger_without_changing_responses(world: dict) -> None:
+    champion, challenger = _with_challenger(world)
+    srv = Server(world["env"] | {"TRIPCAST_TRAFFIC_MODE": "shadow"})
+    rides = world["rides"].sample(200, random_state=2)
+    try:
+        response = httpx.post(f"{srv.url}/predict/batch", json={"rides": _requests(rides, "shadow")}, timeout=30)
+    finally:
+        srv.stop()
+    served = response.json()["predictions"]
+    assert {p["arm"] for p in served} == {"champion"} and {p["model"]["version"] for p in served} == {champion}
+    assert [p["duration"] for p in served] == world["pipelines"][champion].predict(rides).tolist()
+    rows = _logged(world["settings"], "shadow", 200).sort_values("id")
+    assert len(rows) == 200 and set(rows["shadow_version"]) == {challenger}
+    np.testing.assert_array_equal(rows["shadow_prediction"].to_numpy(),
+                                  world["pipelines"][challenger].predict(rides))
+
+
+class _Proxy:
+    """A TCP forwarder to PostgreSQL that can be switched off: the store 'goes down' for real."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.server: socketserver.ThreadingTCPServer | None = None
+
+    def start(self) -> None:
+        class Pipe(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                upstream = socket.create_connection(("127.0.0.1", 5432))
+
+                def pump(src: socket.socket, dst: socket.socket) -> None:
+                    try:
+                        while data := src.recv(65536):
+                            dst.sendall(data)
+                    except OSError:
+                        pass
+                    finally:
+                        dst.close()
+
+                threading.Thread(target=pump, args=(upstream, self.request), daemon=True).start()
+                pump(self.request, upstream)
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Pipe)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@pytest.mark.postgres
+def test_log_reaches_postgres_after_an_outage(world: dict) -> None:
+    name = f"tripcast_log_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine("postgresql://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    proxy = _Proxy(_free_port())
+    proxied = f"postgresql://postgres@127.0.0.1:{proxy.port}/{name}"
+    srv = Server(world["env"] | {"TRIPCAST_MONITORING_URI": proxied})  # the store is down from the start
+    try:
+        rides = [{**COURSE_RIDE, "ride_id": f"outage-{i}"} for i in range(400)]
+        with ThreadPoolExecutor(4) as pool:
+            codes = list(pool.map(lambda r: httpx.post(f"{srv.url}/predict", json=r).status_code, rides[:100]))
+        batch = httpx.post(f"{srv.url}/predict/batch", json={"rides": rides[100:]}, timeout=30)
+        assert codes == [200] * 100 and batch.status_code == 200  # requests never wait for the store
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{srv.url}/model").json()["prediction_log"]["spooled"] < 400 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log_state = httpx.get(f"{srv.url}/model").json()["prediction_log"]
+        assert log_state["spooled"] == 400 and not log_state["store_up"] and log_state["written"] == 0
+        proxy.start()  # the store comes back
+        rows = _logged(world["settings"], "outage", 400, timeout=30, url=f"postgresql://postgres@127.0.0.1/{name}")
+        assert sorted(rows["ride_id"]) == sorted(r["ride_id"] for r in rides)
+        log_state = httpx.get(f"{srv.url}/model").json()["prediction_log"]
+        assert log_state["store_up"] and log_state["written"] == 400 and log_state["dropped"] == 0
+    finally:
+        srv.stop()
+        proxy.stop()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_openapi_fuzz_finds_no_server_error(server: Server) -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("schemathesis")), "run", f"{server.url}/openapi.json",
+         "--checks", "not_a_server_error", "--max-examples", "100", "-H", f"Authorization: Bearer {TOKEN}"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
