@@ -142,6 +142,24 @@ def evaluate(
 
 
 @app.command()
+def score(
+    month: Annotated[str, typer.Option(help="Month to score, YYYY-MM (first month of a backfill).")],
+    to: Annotated[str | None, typer.Option(help="Last month of a backfill, YYYY-MM.")] = None,
+    alias: Annotated[str, typer.Option(help="Alias or version number.")] = "champion",
+    color: Color = "green",
+    verbose: Verbose = False,
+) -> None:
+    """Batch-score months with a registered model into predictions/<colour>/<YYYY-MM>.parquet."""
+    _settings(verbose)
+    from tripcast.flows.score import score_flow
+
+    result = score_flow(color, month, to, alias)
+    for item in result["months"]:
+        out.print(f"{color} {item['month']}: {item['rows']:,} rides scored by version {result['version']} "
+                  f"({item['rows_per_second']:,} rows/s) -> {item['path']}", highlight=False)
+
+
+@app.command()
 def quickstart(verbose: Verbose = False) -> None:
     """The main job: green 2021-01..03; baseline, linear, LightGBM; promote the best; test on 2021-03."""
     settings = _settings(verbose)
