@@ -210,6 +210,24 @@ def serve(
                 log_level="info" if verbose else "warning", access_log=verbose)
 
 
+@app.command()
+def stream(
+    redis_url: Annotated[str, typer.Option(help="Redis server.")] = "redis://127.0.0.1:6379/0",
+    input_stream: Annotated[str, typer.Option("--input", help="Stream of ride events (field 'ride': JSON).")]
+    = "tripcast:rides",
+    output_stream: Annotated[str, typer.Option("--output", help="Stream the predictions go to.")]
+    = "tripcast:predictions",
+    dead_letter: Annotated[str, typer.Option(help="Stream for malformed events.")] = "tripcast:dead-letter",
+    group: Annotated[str, typer.Option(help="Consumer group.")] = "tripcast",
+    verbose: Verbose = False,
+) -> None:
+    """Consume ride events from a Redis Stream and publish predictions (at-least-once)."""
+    settings = _settings(verbose)
+    from tripcast.streaming import StreamNames, run_consumer
+
+    run_consumer(settings, redis_url, StreamNames(input_stream, output_stream, dead_letter, group))
+
+
 # --- registry ------------------------------------------------------------------------------------------
 def _registry():
     from tripcast.registry import Registry

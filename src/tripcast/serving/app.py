@@ -6,7 +6,6 @@ Run with ``tripcast serve`` (uvicorn). The model is always resolved from the reg
 
 import secrets
 import time
-import uuid
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated
@@ -18,39 +17,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from tripcast.config import Settings, load_settings
 from tripcast.errors import DataError
-from tripcast.features import ZONE_MAX, ZONE_MIN, local_naive
 from tripcast.registry import CHALLENGER, Registry
 from tripcast.serving.holder import AliasWatcher, LoadedModel, ModelHolder
 from tripcast.serving.predlog import PredictionLog
+from tripcast.serving.schemas import Ride, log_record, rides_frame
 from tripcast.serving.traffic import CHALLENGER_ARM, CHAMPION_ARM, TrafficPolicy
-
-FIRST_PICKUP_YEAR, LAST_PICKUP_YEAR = 2009, 2100  # TLC records start in 2009; beyond 2262 pandas overflows
-MAX_DISTANCE = 200.0  # miles; a longer "ride" is a meter error, not a request we can answer
-ZoneID = Annotated[int, Field(strict=True, ge=ZONE_MIN, le=ZONE_MAX, description="TLC taxi zone, 1..265")]
-
-
-class Ride(BaseModel):
-    """The course's request shape, plus an optional ride_id and pickup time."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"PULocationID": 10, "DOLocationID": 50, "trip_distance": 40}]})
-
-    PULocationID: ZoneID
-    DOLocationID: ZoneID
-    trip_distance: float = Field(strict=True, ge=0, le=MAX_DISTANCE, allow_inf_nan=False, description="miles")
-    ride_id: str | None = Field(None, min_length=1, max_length=128)
-    pickup_datetime: datetime | None = Field(None, description="ISO 8601; naive means New York time; default now")
-
-    @field_validator("pickup_datetime")
-    @classmethod
-    def plausible_pickup(cls, value: datetime | None) -> datetime | None:
-        if value is not None and not FIRST_PICKUP_YEAR <= value.year <= LAST_PICKUP_YEAR:
-            raise ValueError(f"must be between {FIRST_PICKUP_YEAR} and {LAST_PICKUP_YEAR}")
-        return value
 
 
 class ModelRef(BaseModel):
@@ -173,14 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(503, f"no model loaded: the registry has no '{champion.alias}' version yet"
                                      + (f" (last error: {champion.last_error})" if champion.last_error else ""))
         other = challenger.current if challenger is not None else None
-        ride_ids = [r.ride_id or uuid.uuid4().hex for r in rides]
-        pickups = [local_naive(r.pickup_datetime) for r in rides]
-        frame = pd.DataFrame({
-            "PULocationID": np.fromiter((r.PULocationID for r in rides), np.int32, len(rides)),
-            "DOLocationID": np.fromiter((r.DOLocationID for r in rides), np.int32, len(rides)),
-            "trip_distance": np.fromiter((r.trip_distance for r in rides), np.float64, len(rides)),
-            "pickup_datetime": pd.to_datetime(pickups),
-        })
+        frame, ride_ids, pickups = rides_frame(rides)
         arms = np.array([policy.arm(i, other is not None) for i in ride_ids])
         durations = np.empty(len(rides))
         models: dict[str, LoadedModel] = {CHAMPION_ARM: served}
@@ -196,10 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for i, ride in enumerate(rides):
             model = models[arms[i]]
             duration = float(durations[i])
-            predlog.put({"ride_id": ride_ids[i], "logged_at": now, "pickup_datetime": pickups[i],
-                         "PULocationID": ride.PULocationID, "DOLocationID": ride.DOLocationID,
-                         "trip_distance": ride.trip_distance, "prediction": duration,
-                         "model_version": model.version, "arm": arms[i], "source": "api"})
+            predlog.put(log_record(ride, ride_ids[i], pickups[i], duration, model.version, str(arms[i]), "api", now))
             results.append({"ride_id": ride_ids[i], "duration": duration, "arm": str(arms[i]),
                             "model": {"name": model.name, "version": model.version, "alias": model.alias}})
         return results

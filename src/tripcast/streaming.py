@@ -1,0 +1,138 @@
+"""Streaming predictions from a Redis Stream: the open-source counterpart of the course's Kinesis + Lambda.
+
+Each event's field ``ride`` holds the ride as JSON (the API's request shape). The consumer reads through a
+consumer group, publishes ``{ride_id, duration, model_version, event_id}`` to the output stream, and only then
+acknowledges the event (at-least-once). A malformed event goes to the dead-letter stream with its error and is
+acknowledged. Events a crashed consumer left pending are claimed after ``claim_idle_ms``. Connection errors
+(a Redis restart) are waited out with back-off; nothing is acknowledged that was not published.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis
+from pydantic import ValidationError
+
+from tripcast.errors import RegistryError
+from tripcast.registry import Registry
+from tripcast.serving.holder import AliasWatcher, ModelHolder
+from tripcast.serving.predlog import PredictionLog
+from tripcast.serving.schemas import Ride, log_record, rides_frame
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamNames:
+    input: str = "tripcast:rides"
+    output: str = "tripcast:predictions"
+    dead_letter: str = "tripcast:dead-letter"
+    group: str = "tripcast"
+
+
+class StreamConsumer:
+    def __init__(self, client: redis.Redis, holder: ModelHolder, names: StreamNames = StreamNames(),
+                 consumer: str | None = None, batch: int = 500, block_ms: int = 1000, claim_idle_ms: int = 30_000,
+                 predlog: PredictionLog | None = None) -> None:
+        self.redis = client
+        self.holder = holder
+        self.names = names
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
+        self.predlog = predlog
+        self.published = self.dead = self.reconnects = 0
+
+    def ensure_group(self) -> None:
+        try:
+            self.redis.xgroup_create(self.names.input, self.names.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def run(self, stop: threading.Event) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                self.ensure_group()
+                while not stop.is_set():
+                    self.step()
+                backoff = 0.5
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                self.reconnects += 1
+                log.warning("redis unavailable (%s); retrying in %.1f s", exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def step(self) -> int:
+        """Claim stale pending events, read new ones, process them. Returns how many were handled."""
+        _, claimed, _ = self.redis.xautoclaim(self.names.input, self.names.group, self.consumer,
+                                              min_idle_time=self.claim_idle_ms, start_id="0-0", count=self.batch)
+        entries = list(claimed)
+        if not entries:
+            read = self.redis.xreadgroup(self.names.group, self.consumer, {self.names.input: ">"},
+                                         count=self.batch, block=self.block_ms)
+            entries = read[0][1] if read else []
+        if entries:
+            self.process(entries)
+        return len(entries)
+
+    def process(self, entries: list[tuple[str, dict]]) -> None:
+        model = self.holder.current
+        if model is None:
+            raise RuntimeError(f"no model behind alias {self.holder.alias!r}")  # leave events pending
+        rides, ids, dead = [], [], []
+        for event_id, fields in entries:
+            try:
+                rides.append(Ride.model_validate_json(fields.get("ride", "")))
+                ids.append(event_id)
+            except ValidationError as exc:
+                errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'ride'}: {e['msg']}" for e in exc.errors())
+                dead.append((event_id, fields, errors))
+        pipe = self.redis.pipeline(transaction=True)
+        for event_id, fields, error in dead:
+            pipe.xadd(self.names.dead_letter, {"event_id": event_id, "ride": fields.get("ride", ""), "error": error})
+        if rides:
+            frame, ride_ids, pickups = rides_frame(rides)
+            durations = model.pipeline.predict(frame)
+            for event_id, ride_id, duration in zip(ids, ride_ids, durations, strict=True):
+                pipe.xadd(self.names.output, {"event_id": event_id, "ride_id": ride_id,
+                                              "duration": repr(float(duration)), "model_version": model.version})
+        # Publish and acknowledge in one MULTI/EXEC: an event is acknowledged only with its output.
+        pipe.xack(self.names.input, self.names.group, *[e for e, _ in entries])
+        pipe.execute()
+        self.published += len(rides)
+        self.dead += len(dead)
+        if self.predlog is not None and rides:
+            now = datetime.now(UTC).replace(tzinfo=None)
+            for ride, ride_id, pickup, duration in zip(rides, ride_ids, pickups, durations, strict=True):
+                self.predlog.put(log_record(ride, ride_id, pickup, float(duration), model.version, "champion",
+                                            "stream", now))
+
+
+def run_consumer(settings, redis_url: str, names: StreamNames, stop: threading.Event | None = None) -> None:
+    """The ``tripcast stream`` process: model from the registry alias, predictions logged like the API's."""
+    stop = stop or threading.Event()
+    holder = ModelHolder(Registry(settings), settings.serve_alias)
+    holder.refresh()
+    if holder.current is None:
+        raise RegistryError(f"the registry has no {settings.serve_alias!r} version to serve"
+                            + (f" ({holder.last_error})" if holder.last_error else ""))
+    watcher = AliasWatcher([holder], settings.poll_seconds)
+    predlog = PredictionLog(settings.resolved_monitoring_uri, settings.spool_dir, settings.log_queue_size,
+                            settings.log_batch_size, settings.log_flush_seconds)
+    watcher.start()
+    predlog.start()
+    consumer = StreamConsumer(redis.Redis.from_url(redis_url, decode_responses=True), holder, names,
+                              predlog=predlog)
+    log.info("consuming %s as %s/%s", names.input, names.group, consumer.consumer)
+    try:
+        consumer.run(stop)
+    finally:
+        watcher.stop()
+        predlog.stop()

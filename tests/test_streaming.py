@@ -1,0 +1,168 @@
+"""Streaming on a real Redis: predictions out, dead letters, redelivery after a crash, a Redis restart."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from tripcast import training
+from tripcast.config import Settings
+from tripcast.data import tlc
+from tripcast.registry import CHAMPION, Registry, decide
+from tripcast.serving.holder import ModelHolder
+from tripcast.streaming import StreamConsumer, StreamNames
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def names() -> StreamNames:
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    return StreamNames(f"{prefix}:rides", f"{prefix}:predictions", f"{prefix}:dead", f"{prefix}-group")
+
+
+@pytest.fixture
+def client(names: StreamNames) -> Iterator[redis.Redis]:
+    r = redis.Redis(host="127.0.0.1", port=6379, decode_responses=True)
+    try:
+        r.ping()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"the streaming tests need Redis on 127.0.0.1:6379 ({exc})")
+    yield r
+    r.delete(names.input, names.output, names.dead_letter)
+
+
+@pytest.fixture
+def served(settings: Settings) -> dict:
+    months = {m: training.prepare_month("green", m, tlc.read_month("green", m, settings), settings)
+              for m in ("2021-01", "2021-02")}
+    result = training.train(months["2021-01"], months["2021-02"], "baseline", settings)
+    registry = Registry(settings)
+    registry.apply(registry.register(result.model_uri, result.run_id).version, decide(1.0, None, 2.0, 0.01))
+    holder = ModelHolder(registry, CHAMPION)
+    assert holder.refresh()
+    return {"holder": holder, "rides": months["2021-02"].rides.head(50)}
+
+
+def _events(rides) -> list[dict]:
+    return [{"ride": json.dumps({"PULocationID": int(r.PULocationID), "DOLocationID": int(r.DOLocationID),
+                                 "trip_distance": float(r.trip_distance), "ride_id": f"ride-{i}",
+                                 "pickup_datetime": r.pickup_datetime.isoformat()})}
+            for i, r in enumerate(rides.itertuples())]
+
+
+def _drain(consumer: StreamConsumer, expected: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    handled = 0
+    while handled < expected and time.monotonic() < deadline:
+        handled += consumer.step()
+
+
+def test_events_in_predictions_out_malformed_to_dead_letter(client, names, served) -> None:
+    consumer = StreamConsumer(client, served["holder"], names, block_ms=100)
+    consumer.ensure_group()
+    ids = [client.xadd(names.input, event) for event in _events(served["rides"])]
+    bad = {client.xadd(names.input, {"ride": "{not json"}): "ride",
+           client.xadd(names.input, {"ride": json.dumps({"PULocationID": 0, "DOLocationID": 5,
+                                                         "trip_distance": 1})}): "PULocationID",
+           client.xadd(names.input, {"other": "field"}): "ride"}
+    _drain(consumer, len(ids) + len(bad))
+
+    out = client.xrange(names.output)
+    assert [f["event_id"] for _, f in out] == ids
+    expected = served["holder"].current.pipeline.predict(served["rides"])
+    np.testing.assert_array_equal([float(f["duration"]) for _, f in out], expected)
+    assert {f["model_version"] for _, f in out} == {"1"} and out[0][1]["ride_id"] == "ride-0"
+    dead = {f["event_id"]: f["error"] for _, f in client.xrange(names.dead_letter)}
+    assert dead.keys() == bad.keys()
+    assert all(field in dead[event] for event, field in bad.items())
+    assert client.xpending(names.input, names.group)["pending"] == 0
+
+
+def test_pending_events_are_redelivered_after_a_consumer_crash(client, names, served) -> None:
+    StreamConsumer(client, served["holder"], names).ensure_group()
+    ids = [client.xadd(names.input, event) for event in _events(served["rides"].head(20))]
+    # A consumer reads the events and dies before publishing or acknowledging anything.
+    taken = client.xreadgroup(names.group, "crashed-consumer", {names.input: ">"}, count=100)
+    assert len(taken[0][1]) == 20 and client.xpending(names.input, names.group)["pending"] == 20
+    survivor = StreamConsumer(client, served["holder"], names, consumer="survivor", claim_idle_ms=200,
+                              block_ms=100)
+    assert survivor.step() == 0  # too early to claim: the events have not been idle long enough yet
+    time.sleep(0.3)
+    _drain(survivor, 20)
+    assert sorted(f["event_id"] for _, f in client.xrange(names.output)) == sorted(ids)
+    assert client.xpending(names.input, names.group)["pending"] == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_redis(port: int, folder: Path) -> subprocess.Popen:
+    process = subprocess.Popen([shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port),
+                                "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--appendfsync",
+                                "always", "--dir", str(folder)], stdout=subprocess.DEVNULL)
+    probe = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            probe.ping()
+            return process
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+def test_consumer_survives_a_redis_restart(names, served, tmp_path: Path) -> None:
+    port = _free_port()
+    server = _start_redis(port, tmp_path)
+    client = redis.Redis(port=port, decode_responses=True, socket_timeout=2)
+    consumer = StreamConsumer(client, served["holder"], names, block_ms=100)
+    stop = threading.Event()
+    worker = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+    worker.start()
+    events = _events(served["rides"].head(20))
+    try:
+        for event in events[:10]:
+            client.xadd(names.input, event)
+        _wait(lambda: client.xlen(names.output) == 10)
+        server.terminate()
+        server.wait(timeout=10)
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis(port=port).ping()  # really down
+        time.sleep(3.0)  # longer than the client's own retries: the consumer has to wait it out
+        server = _start_redis(port, tmp_path)
+        for event in events[10:]:
+            client.xadd(names.input, event)
+        _wait(lambda: client.xlen(names.output) == 20)
+        assert worker.is_alive()
+        assert client.xpending(names.input, names.group)["pending"] == 0
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _wait(condition, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except redis.ConnectionError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
