@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pandas as pd
@@ -23,12 +24,11 @@ REQUEST_COLUMNS = ["PULocationID", "DOLocationID", "trip_distance"]
 NEW_YORK = "America/New_York"
 
 
-def local_naive(value: datetime | pd.Timestamp | None, timezone: str = NEW_YORK) -> pd.Timestamp:
+def local_naive(value: datetime | None, timezone: str = NEW_YORK) -> datetime:
     """A pickup time as the TLC records it: naive New York time. None means now; aware times are converted."""
     if value is None or value is pd.NaT:
-        return pd.Timestamp.now(tz=timezone).tz_localize(None)
-    stamp = pd.Timestamp(value)
-    return stamp.tz_convert(timezone).tz_localize(None) if stamp.tzinfo else stamp
+        return datetime.now(ZoneInfo(timezone)).replace(tzinfo=None)
+    return value.astimezone(ZoneInfo(timezone)).replace(tzinfo=None) if value.tzinfo else value
 
 
 def duration_minutes(rides: pd.DataFrame) -> np.ndarray:
@@ -103,29 +103,33 @@ class Preprocessor:
     FEATURES = ("PULocationID", "DOLocationID", "zone_pair", "trip_distance", "pickup_hour", "pickup_dow")
 
     def transform(self, rides: pd.DataFrame) -> pd.DataFrame:
+        """A frame of rides -> a frame of features (training, batch, the pyfunc model)."""
         missing = [c for c in REQUEST_COLUMNS if c not in rides]
         if missing:
             raise DataError(f"rides lack the columns {missing}")
-        # Naive local times as numpy datetime64: hour and weekday by integer arithmetic (pandas' .dt is slower).
-        pickup = self._pickup_times(rides).to_numpy().astype("datetime64[m]")
-        days = pickup.astype("datetime64[D]")
-        hour = ((pickup - days).astype(np.int64) // 60).astype(np.int32)
-        dow = ((days.astype(np.int64) + 3) % 7).astype(np.int32)  # 1970-01-01 was a Thursday (Monday = 0)
-        pu = rides["PULocationID"].to_numpy().astype(np.int32, copy=False)
-        do = rides["DOLocationID"].to_numpy().astype(np.int32, copy=False)
-        return pd.DataFrame(
-            {
-                "PULocationID": pu,
-                "DOLocationID": do,
-                "zone_pair": pu * 1000 + do,
-                "trip_distance": rides["trip_distance"].to_numpy().astype(np.float64, copy=False),
-                "pickup_hour": hour,
-                "pickup_dow": dow,
-            },
-        )
+        return pd.DataFrame(self.features(rides["PULocationID"].to_numpy(), rides["DOLocationID"].to_numpy(),
+                                          rides["trip_distance"].to_numpy(), self._pickup_times(rides).to_numpy()))
+
+    def features(self, pu: np.ndarray, do: np.ndarray, distance: np.ndarray,
+                 pickup: np.ndarray) -> dict[str, np.ndarray]:
+        """The features as numpy columns; ``pickup`` holds naive New York times (datetime64). The online API
+        calls this directly: a frame costs more than the model for a single ride."""
+        # Hour and weekday by integer arithmetic on datetime64 (pandas' .dt is slower).
+        minutes = pickup.astype("datetime64[m]")
+        days = minutes.astype("datetime64[D]")
+        pu = pu.astype(np.int32, copy=False)
+        do = do.astype(np.int32, copy=False)
+        return {
+            "PULocationID": pu,
+            "DOLocationID": do,
+            "zone_pair": pu * 1000 + do,
+            "trip_distance": distance.astype(np.float64, copy=False),
+            "pickup_hour": ((minutes - days).astype(np.int64) // 60).astype(np.int32),
+            "pickup_dow": ((days.astype(np.int64) + 3) % 7).astype(np.int32),  # 1970-01-01 was a Thursday
+        }
 
     def _pickup_times(self, rides: pd.DataFrame) -> pd.Series:
-        now = pd.Timestamp.now(tz=self.timezone).tz_localize(None)
+        now = pd.Timestamp(local_naive(None, self.timezone))
         if "pickup_datetime" not in rides:
             return pd.Series(np.full(len(rides), now, dtype="datetime64[us]"))
         column = rides["pickup_datetime"]
@@ -146,7 +150,7 @@ class Preprocessor:
         if value is None or (isinstance(value, float) and np.isnan(value)):
             return pd.NaT
         try:
-            return local_naive(pd.Timestamp(value), self.timezone)
+            return pd.Timestamp(local_naive(pd.Timestamp(value), self.timezone))
         except (ValueError, TypeError):
             raise DataError(f"pickup_datetime {value!r} is not an ISO 8601 time") from None
 

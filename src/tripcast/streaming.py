@@ -23,7 +23,7 @@ from tripcast.errors import RegistryError
 from tripcast.registry import Registry
 from tripcast.serving.holder import AliasWatcher, ModelHolder
 from tripcast.serving.predlog import PredictionLog
-from tripcast.serving.schemas import Ride, log_record, rides_frame
+from tripcast.serving.schemas import Ride, log_record, ride_columns
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ class StreamConsumer:
         for event_id, fields, error in dead:
             pipe.xadd(self.names.dead_letter, {"event_id": event_id, "ride": fields.get("ride", ""), "error": error})
         if rides:
-            frame, ride_ids, pickups = rides_frame(rides)
-            durations = model.pipeline.predict(frame)
+            columns, ride_ids, pickups = ride_columns(rides)
+            durations = model.pipeline.predict_features(model.pipeline.preprocessor.features(*columns))
             for event_id, ride_id, duration in zip(ids, ride_ids, durations, strict=True):
                 pipe.xadd(self.names.output, {"event_id": event_id, "ride_id": ride_id,
                                               "duration": repr(float(duration)), "model_version": model.version})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ class TripDurationPipeline:
     def predict(self, rides: pd.DataFrame) -> np.ndarray:
         return self.predict_features(self.preprocessor.transform(rides))
 
-    def predict_features(self, features: pd.DataFrame) -> np.ndarray:
+    def predict_features(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
         return np.asarray(self.estimator.predict(features), dtype=np.float64)
 
     def save(self, folder: Path) -> Path:

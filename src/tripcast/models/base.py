@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Self
 
@@ -15,7 +16,7 @@ class DurationModel(Protocol):
 
     def fit(self, features: pd.DataFrame, target: np.ndarray) -> Self: ...
 
-    def predict(self, features: pd.DataFrame) -> np.ndarray: ...
+    def predict(self, features: Mapping[str, np.ndarray]) -> np.ndarray: ...
 
     def params(self) -> dict[str, Any]: ...
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -28,8 +29,8 @@ class ZonePairMedian:
         self.distance_medians = np.zeros(DISTANCE_BINS, dtype=np.float64)
 
     def fit(self, features: pd.DataFrame, target: np.ndarray) -> Self:
-        frame = pd.DataFrame({"pair": features["zone_pair"].to_numpy(), "y": target,
-                              "bin": _distance_bin(features["trip_distance"].to_numpy())})
+        frame = pd.DataFrame({"pair": np.asarray(features["zone_pair"]), "y": target,
+                              "bin": _distance_bin(np.asarray(features["trip_distance"]))})
         stats = frame.groupby("pair")["y"].agg(["size", "median"])
         stats = stats[stats["size"] >= self.min_trips]
         self.pairs = stats.index.to_numpy(dtype=np.int64)
@@ -39,9 +40,9 @@ class ZonePairMedian:
         self.distance_medians = by_bin.ffill().bfill().fillna(float(np.median(target))).to_numpy()
         return self
 
-    def predict(self, features: pd.DataFrame) -> np.ndarray:
-        fallback = self.distance_medians[_distance_bin(features["trip_distance"].to_numpy())]
-        return lookup(self.pairs, self.pair_medians, features["zone_pair"].to_numpy(), fallback)
+    def predict(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        fallback = self.distance_medians[_distance_bin(np.asarray(features["trip_distance"]))]
+        return lookup(self.pairs, self.pair_medians, np.asarray(features["zone_pair"]), fallback)
 
     def params(self) -> dict[str, Any]:
         return {"min_trips": self.min_trips}

@@ -12,6 +12,7 @@ is a few arrays in JSON.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -45,7 +46,7 @@ class LinearDuration:
         return LinearRegression()
 
     def fit(self, features: pd.DataFrame, target: np.ndarray) -> Self:
-        pair = features["zone_pair"].to_numpy()
+        pair = np.asarray(features["zone_pair"])
         pairs, row_pair = np.unique(pair, return_inverse=True)
         labels = np.char.add(np.char.add((pairs // 1000).astype(str), "_"), (pairs % 1000).astype(str))
         text_order = np.argsort(labels, kind="stable")  # DictVectorizer's column order
@@ -63,9 +64,9 @@ class LinearDuration:
         self.intercept = float(estimator.intercept_)
         return self
 
-    def predict(self, features: pd.DataFrame) -> np.ndarray:
-        pair_effect = lookup(self.pairs, self.pair_coefs, features["zone_pair"].to_numpy(), 0.0)
-        return self.intercept + pair_effect + self.distance_coef * features["trip_distance"].to_numpy()
+    def predict(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        pair_effect = lookup(self.pairs, self.pair_coefs, np.asarray(features["zone_pair"]), 0.0)
+        return self.intercept + pair_effect + self.distance_coef * np.asarray(features["trip_distance"])
 
     def params(self) -> dict[str, Any]:
         return {"kind": self.kind} | ({"alpha": self.alpha} if self.kind != "linear" else {})

@@ -24,7 +24,7 @@ from tripcast.errors import DataError
 from tripcast.registry import CHALLENGER, Registry
 from tripcast.serving.holder import AliasWatcher, LoadedModel, ModelHolder
 from tripcast.serving.predlog import PredictionLog
-from tripcast.serving.schemas import Ride, log_record, rides_frame
+from tripcast.serving.schemas import Ride, log_record, ride_columns
 from tripcast.serving.traffic import CHALLENGER_ARM, CHAMPION_ARM, TrafficPolicy
 
 
@@ -148,7 +148,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(503, f"no model loaded: the registry has no '{champion.alias}' version yet"
                                      + (f" (last error: {champion.last_error})" if champion.last_error else ""))
         other = challenger.current if challenger is not None else None
-        frame, ride_ids, pickups = rides_frame(rides)
+        columns, ride_ids, pickups = ride_columns(rides)
+        features = served.pipeline.preprocessor.features(*columns)
         arms = np.array([policy.arm(i, other is not None) for i in ride_ids])
         durations = np.empty(len(rides))
         models: dict[str, LoadedModel] = {CHAMPION_ARM: served}
@@ -157,7 +158,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for arm, model in models.items():
             chosen = arms == arm
             if chosen.any():
-                durations[chosen] = model.pipeline.predict(frame[chosen] if not chosen.all() else frame)
+                subset = features if chosen.all() else {k: v[chosen] for k, v in features.items()}
+                durations[chosen] = model.pipeline.predict_features(subset)
                 metrics.predictions.labels(model.version, arm).inc(int(chosen.sum()))
         now = datetime.now(UTC).replace(tzinfo=None)
         results = []

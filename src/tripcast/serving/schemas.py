@@ -5,7 +5,6 @@ from datetime import datetime
 from typing import Annotated
 
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tripcast.features import ZONE_MAX, ZONE_MIN, local_naive
@@ -35,21 +34,20 @@ class Ride(BaseModel):
         return value
 
 
-def rides_frame(rides: list[Ride]) -> tuple[pd.DataFrame, list[str], list[pd.Timestamp]]:
-    """Validated rides as the canonical ride frame the preprocessor takes, with their ids and pickup times
-    (a ride without an id gets one; one without a pickup time is picked up now, New York time)."""
+def ride_columns(rides: list[Ride]) -> tuple[tuple[np.ndarray, ...], list[str], list[datetime]]:
+    """Validated rides as the columns ``Preprocessor.features`` takes (PU, DO, distance, pickup), with their
+    ids and pickup times: a ride without an id gets one; one without a pickup time is picked up now."""
     ride_ids = [r.ride_id or uuid.uuid4().hex for r in rides]
     pickups = [local_naive(r.pickup_datetime) for r in rides]
-    frame = pd.DataFrame({
-        "PULocationID": np.fromiter((r.PULocationID for r in rides), np.int32, len(rides)),
-        "DOLocationID": np.fromiter((r.DOLocationID for r in rides), np.int32, len(rides)),
-        "trip_distance": np.fromiter((r.trip_distance for r in rides), np.float64, len(rides)),
-        "pickup_datetime": pd.to_datetime(pickups),
-    })
-    return frame, ride_ids, pickups
+    n = len(rides)
+    columns = (np.fromiter((r.PULocationID for r in rides), np.int32, n),
+               np.fromiter((r.DOLocationID for r in rides), np.int32, n),
+               np.fromiter((r.trip_distance for r in rides), np.float64, n),
+               np.array(pickups, dtype="datetime64[us]"))
+    return columns, ride_ids, pickups
 
 
-def log_record(ride: Ride, ride_id: str, pickup: pd.Timestamp, prediction: float, version: str, arm: str,
+def log_record(ride: Ride, ride_id: str, pickup: datetime, prediction: float, version: str, arm: str,
                source: str, logged_at: datetime) -> dict:
     """One row of the prediction log (see tripcast.store.predictions)."""
     return {"ride_id": ride_id, "logged_at": logged_at, "pickup_datetime": pickup,
