@@ -5,7 +5,7 @@ Serving writes the prediction log here; monitoring reads it.
 
 from __future__ import annotations
 
-from sqlalchemy import Column, DateTime, Float, Integer, MetaData, String, Table, create_engine
+from sqlalchemy import Column, DateTime, Float, Integer, MetaData, String, Table, create_engine, event
 from sqlalchemy.engine import Engine
 
 metadata = MetaData()
@@ -31,8 +31,19 @@ predictions = Table(
 
 def connect(url: str, create: bool = True) -> Engine:
     """An engine for the store; tables are created on first use."""
-    args = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    engine = create_engine(url, **args)
+    sqlite = url.startswith("sqlite")
+    engine = create_engine(url, **({"connect_args": {"timeout": 30}} if sqlite else {"pool_pre_ping": True}))
+    if sqlite:
+        # WAL: readers (monitoring) do not block the writer, and a commit is not an fsync of a rollback
+        # journal; synchronous=NORMAL stays consistent after a crash of the application.
+        event.listen(engine, "connect", _sqlite_pragmas)
     if create:
         metadata.create_all(engine)
     return engine
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()

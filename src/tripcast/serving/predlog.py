@@ -16,6 +16,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -87,11 +88,13 @@ class PredictionLog:
                 return
 
     def _take(self) -> list[dict]:
+        """Up to batch_size records, waiting at most flush_seconds after the first: few, large commits."""
         batch: list[dict] = []
         try:
             batch.append(self._queue.get(timeout=self.flush_seconds))
-            while len(batch) < self.batch_size:
-                batch.append(self._queue.get_nowait())
+            deadline = time.monotonic() + self.flush_seconds
+            while len(batch) < self.batch_size and not self._stop.is_set():
+                batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
         except queue.Empty:
             pass
         return batch

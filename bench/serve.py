@@ -1,0 +1,171 @@
+"""Benchmark: the same registered champion served by tripcast, by `mlflow models serve`, and a hello-world
+endpoint on the same server stack (the ceiling); one worker each, driven by wrk on loopback.
+
+    TRIPCAST_TLC_MIRROR=../shared/data/tlc python bench/serve.py [--seconds 10]
+
+tripcast runs with everything on: the prediction log (SQLite), Prometheus metrics and an A/B traffic policy
+(10 % challenger). Prints requests/s, p50, p99 and errors for each at concurrency 16 and 4, the ratios
+tripcast/mlflow and tripcast/ceiling, the batch endpoint's rides/s, and ends with one JSON line.
+Targets: >= 10x mlflow's req/s, >= 60 % of the ceiling at c16, p99 at c4 within 2x the ceiling's, batch
+>= 200,000 rides/s. Needs wrk (Debian: apt-get install wrk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+RIDE_LUA = """
+local counter = 0
+local zones = {{10, 50, 4.2}, {74, 75, 1.1}, {130, 205, 3.7}, {42, 41, 0.9}}
+request = function()
+  counter = counter + 1
+  local z = zones[(counter % 4) + 1]
+  local body = @BODY@
+  return wrk.format("POST", "@PATH@", {["Content-Type"] = "application/json"}, body)
+end
+done = function(summary, latency, requests)
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write
+    + summary.errors.status + summary.errors.timeout
+  io.write(string.format('RESULT {"rps": %.1f, "p50_ms": %.3f, "p99_ms": %.3f, "errors": %d, "requests": %d}\\n',
+    summary.requests / (summary.duration / 1e6), latency:percentile(50) / 1000, latency:percentile(99) / 1000,
+    errors, summary.requests))
+end
+"""
+TRIPCAST_BODY = ('string.format(\'{"PULocationID": %d, "DOLocationID": %d, "trip_distance": %.1f, '
+                 '"ride_id": "r%d"}\', z[1], z[2], z[3], counter)')
+MLFLOW_BODY = ('string.format(\'{"dataframe_records": [{"PULocationID": %d, "DOLocationID": %d, '
+               '"trip_distance": %.1f}]}\', z[1], z[2], z[3])')
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(cmd: list[str], env: dict, probe: str, timeout: float = 120) -> subprocess.Popen:
+    process = subprocess.Popen(cmd, env=os.environ | env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(probe, timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            sys.exit(f"{cmd[0]} exited: {process.stderr.read().decode()[-2000:]}")
+        time.sleep(0.3)
+    process.kill()
+    sys.exit(f"{' '.join(cmd)} did not come up")
+
+
+def wrk(url: str, path: str, body: str, connections: int, seconds: int, folder: Path) -> dict:
+    script = folder / f"wrk-{abs(hash((url, body)))}.lua"
+    script.write_text(RIDE_LUA.replace("@BODY@", body).replace("@PATH@", path))
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT "))
+
+
+def prepare(home: Path) -> dict:
+    """Train the default LightGBM once, register it as champion, and once more as challenger."""
+    os.environ.update({"TRIPCAST_HOME": str(home), "TRIPCAST_PROGRESS": "false"})
+    from tripcast import training
+    from tripcast.config import load_settings
+    from tripcast.data import tlc
+    from tripcast.registry import CHALLENGER, Registry
+
+    settings = load_settings()
+    months = [training.prepare_month("green", m, tlc.read_month("green", m, settings), settings)
+              for m in ("2021-01", "2021-02")]
+    result = training.train(months[0], months[1], "lightgbm", settings)
+    registry = Registry(settings)
+    champion = registry.register(result.model_uri, result.run_id)
+    registry.promote(champion.version, reason="benchmark")
+    challenger = registry.register(result.model_uri, result.run_id)
+    registry.client.set_registered_model_alias(registry.name, CHALLENGER, challenger.version)
+    return {"tracking_uri": settings.resolved_tracking_uri, "model": settings.model_name}
+
+
+def batch_rate(url: str, rides: int = 10_000, rounds: int = 10) -> float:
+    body = json.dumps({"rides": [{"PULocationID": 1 + i % 265, "DOLocationID": 1 + (i * 7) % 265,
+                                  "trip_distance": 0.5 + i % 20, "ride_id": f"b{i}"} for i in range(rides)]})
+    with httpx.Client(timeout=60, headers={"content-type": "application/json"}) as client:
+        client.post(f"{url}/predict/batch", content=body).raise_for_status()  # warm
+        started = time.perf_counter()
+        for _ in range(rounds):
+            client.post(f"{url}/predict/batch", content=body).raise_for_status()
+        return rides * rounds / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=10, help="wrk duration per run")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("bench/serve.py needs wrk: apt-get install wrk")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        print("training and registering the champion ...", flush=True)
+        info = prepare(folder / "home")
+        ports = {name: free_port() for name in ("tripcast", "mlflow", "ceiling")}
+        env = {"TRIPCAST_HOME": str(folder / "home"), "TRIPCAST_TRAFFIC_MODE": "ab", "MLFLOW_LOGGING_LEVEL": "WARNING",
+               "TRIPCAST_CHALLENGER_WEIGHT": "0.1", "MLFLOW_TRACKING_URI": info["tracking_uri"]}
+        bindir = Path(sys.executable).parent
+        env["PATH"] = f"{bindir}:{os.environ.get('PATH', '')}"  # mlflow models serve runs `uvicorn` from PATH
+        targets = {
+            "tripcast": ([sys.executable, "-m", "tripcast", "serve", "--port", str(ports["tripcast"])], "/ready",
+                         "/predict", TRIPCAST_BODY),
+            "mlflow": ([str(bindir / "mlflow"), "models", "serve", "-m", f"models:/{info['model']}@champion",
+                        "--env-manager", "local", "-p", str(ports["mlflow"]), "-w", "1"], "/ping", "/invocations",
+                       MLFLOW_BODY),
+            "ceiling": ([sys.executable, "-m", "uvicorn", "hello:app", "--app-dir", str(HERE), "--port",
+                         str(ports["ceiling"]), "--log-level", "warning"], "/docs", "/predict", TRIPCAST_BODY),
+        }
+        results: dict[str, dict] = {}
+        batch = None
+        for name, (cmd, probe, path, body) in targets.items():
+            url = f"http://127.0.0.1:{ports[name]}"
+            process = start(cmd, env, url + probe)
+            try:
+                wrk(url, path, body, 4, 2, folder)  # warm-up
+                results[name] = {f"c{c}": wrk(url, path, body, c, args.seconds, folder) for c in (16, 4)}
+                if name == "tripcast":
+                    batch = batch_rate(url)
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+            for c in ("c16", "c4"):
+                r = results[name][c]
+                print(f"{name:8s} {c:>3s}: {r['rps']:8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms"
+                      f"  errors {r['errors']}", flush=True)
+    t, m, h = results["tripcast"], results["mlflow"], results["ceiling"]
+    figures = {
+        "benchmark": "serve", "seconds": args.seconds, "results": results,
+        "tripcast_vs_mlflow": round(t["c16"]["rps"] / m["c16"]["rps"], 2),
+        "tripcast_vs_ceiling": round(t["c16"]["rps"] / h["c16"]["rps"], 3),
+        "p99_c4_vs_ceiling": round(t["c4"]["p99_ms"] / h["c4"]["p99_ms"], 2),
+        "batch_rides_per_second": round(batch or 0),
+    }
+    print(f"tripcast / mlflow models serve: {figures['tripcast_vs_mlflow']:.1f}x req/s at c16 (target >= 10x)")
+    print(f"tripcast / ceiling: {figures['tripcast_vs_ceiling']:.0%} req/s at c16 (target >= 60 %)")
+    print(f"p99 at c4: tripcast {t['c4']['p99_ms']:.2f} ms vs ceiling {h['c4']['p99_ms']:.2f} ms = "
+          f"{figures['p99_c4_vs_ceiling']:.2f}x (target <= 2x)")
+    print(f"batch endpoint: {figures['batch_rides_per_second']:,} rides/s (target >= 200,000)")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
