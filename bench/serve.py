@@ -1,5 +1,6 @@
-"""Benchmark: the same registered champion served by tripcast, by `mlflow models serve`, and a hello-world
-endpoint on the same server stack (the ceiling); one worker each, driven by wrk on loopback.
+"""Benchmark: the same registered champion served by tripcast, by `mlflow models serve`, by a bare FastAPI +
+LightGBM endpoint (the model alone), and a hello-world endpoint on the same server stack (the ceiling); one
+worker each, driven by wrk on loopback.
 
     TRIPCAST_TLC_MIRROR=../shared/data/tlc python bench/serve.py [--seconds 10]
 
@@ -87,6 +88,11 @@ def prepare(home: Path) -> dict:
     from tripcast.data import tlc
     from tripcast.registry import CHALLENGER, Registry
 
+    def mlflow_artifacts(uri: str) -> str:
+        import mlflow
+
+        return mlflow.artifacts.download_artifacts(uri, dst_path=str(home / "bare-model"))
+
     settings = load_settings()
     months = [training.prepare_month("green", m, tlc.read_month("green", m, settings), settings)
               for m in ("2021-01", "2021-02")]
@@ -96,7 +102,10 @@ def prepare(home: Path) -> dict:
     registry.promote(champion.version, reason="benchmark")
     challenger = registry.register(result.model_uri, result.run_id)
     registry.client.set_registered_model_alias(registry.name, CHALLENGER, challenger.version)
-    return {"tracking_uri": settings.resolved_tracking_uri, "model": settings.model_name}
+    model_file = Path(mlflow_artifacts(f"models:/{settings.model_name}/{champion.version}")) / "artifacts" / \
+        "pipeline" / "lightgbm.txt"
+    return {"tracking_uri": settings.resolved_tracking_uri, "model": settings.model_name,
+            "model_file": str(model_file)}
 
 
 def batch_rate(url: str, rides: int = 10_000, rounds: int = 10) -> float:
@@ -120,9 +129,10 @@ def main() -> None:
         folder = Path(tmp)
         print("training and registering the champion ...", flush=True)
         info = prepare(folder / "home")
-        ports = {name: free_port() for name in ("tripcast", "mlflow", "ceiling")}
+        ports = {name: free_port() for name in ("tripcast", "mlflow", "bare", "ceiling")}
         env = {"TRIPCAST_HOME": str(folder / "home"), "TRIPCAST_TRAFFIC_MODE": "ab", "MLFLOW_LOGGING_LEVEL": "WARNING",
-               "TRIPCAST_CHALLENGER_WEIGHT": "0.1", "MLFLOW_TRACKING_URI": info["tracking_uri"]}
+               "TRIPCAST_CHALLENGER_WEIGHT": "0.1", "MLFLOW_TRACKING_URI": info["tracking_uri"],
+               "BENCH_MODEL_FILE": info["model_file"]}
         bindir = Path(sys.executable).parent
         env["PATH"] = f"{bindir}:{os.environ.get('PATH', '')}"  # mlflow models serve runs `uvicorn` from PATH
         targets = {
@@ -131,7 +141,9 @@ def main() -> None:
             "mlflow": ([str(bindir / "mlflow"), "models", "serve", "-m", f"models:/{info['model']}@champion",
                         "--env-manager", "local", "-p", str(ports["mlflow"]), "-w", "1"], "/ping", "/invocations",
                        MLFLOW_BODY),
-            "ceiling": ([sys.executable, "-m", "uvicorn", "hello:app", "--app-dir", str(HERE), "--port",
+            "bare": ([sys.executable, "-m", "uvicorn", "endpoints:bare", "--app-dir", str(HERE), "--port",
+                      str(ports["bare"]), "--log-level", "warning"], "/docs", "/predict", TRIPCAST_BODY),
+            "ceiling": ([sys.executable, "-m", "uvicorn", "endpoints:hello", "--app-dir", str(HERE), "--port",
                          str(ports["ceiling"]), "--log-level", "warning"], "/docs", "/predict", TRIPCAST_BODY),
         }
         results: dict[str, dict] = {}
@@ -151,16 +163,19 @@ def main() -> None:
                 r = results[name][c]
                 print(f"{name:8s} {c:>3s}: {r['rps']:8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms"
                       f"  errors {r['errors']}", flush=True)
-    t, m, h = results["tripcast"], results["mlflow"], results["ceiling"]
+    t, m, b, h = results["tripcast"], results["mlflow"], results["bare"], results["ceiling"]
     figures = {
         "benchmark": "serve", "seconds": args.seconds, "results": results,
         "tripcast_vs_mlflow": round(t["c16"]["rps"] / m["c16"]["rps"], 2),
         "tripcast_vs_ceiling": round(t["c16"]["rps"] / h["c16"]["rps"], 3),
+        "tripcast_vs_bare_model": round(t["c16"]["rps"] / b["c16"]["rps"], 3),
         "p99_c4_vs_ceiling": round(t["c4"]["p99_ms"] / h["c4"]["p99_ms"], 2),
         "batch_rides_per_second": round(batch or 0),
     }
     print(f"tripcast / mlflow models serve: {figures['tripcast_vs_mlflow']:.1f}x req/s at c16 (target >= 10x)")
     print(f"tripcast / ceiling: {figures['tripcast_vs_ceiling']:.0%} req/s at c16 (target >= 60 %)")
+    print(f"tripcast / bare FastAPI + LightGBM: {figures['tripcast_vs_bare_model']:.0%} req/s at c16 "
+          "(what logging, metrics, validation and the A/B policy cost)")
     print(f"p99 at c4: tripcast {t['c4']['p99_ms']:.2f} ms vs ceiling {h['c4']['p99_ms']:.2f} ms = "
           f"{figures['p99_c4_vs_ceiling']:.2f}x (target <= 2x)")
     print(f"batch endpoint: {figures['batch_rides_per_second']:,} rides/s (target >= 200,000)")
