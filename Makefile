@@ -22,8 +22,10 @@ test: $(STAMP)  ## the whole suite, slow end-to-end tests included
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
-bench: $(STAMP)
+bench: $(STAMP)  ## needs the TLC files (TRIPCAST_TLC_MIRROR) and wrk
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/score.py
+	$(BIN)/python bench/serve.py
 
 clean:
 	rm -rf $(VENV) .tripcast .pytest_cache
