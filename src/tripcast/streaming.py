@@ -110,9 +110,10 @@ class StreamConsumer:
         self.dead += len(dead)
         if self.predlog is not None and rides:
             now = datetime.now(UTC).replace(tzinfo=None)
-            for ride, ride_id, pickup, duration in zip(rides, ride_ids, pickups, durations, strict=True):
-                self.predlog.put(log_record(ride, ride_id, pickup, float(duration), model.version, "champion",
-                                            "stream", now))
+            self.predlog.put([log_record(ride, ride_id, pickup, float(duration), model.version, "champion", "stream",
+                                         now)
+                              for ride, ride_id, pickup, duration in zip(rides, ride_ids, pickups, durations,
+                                                                         strict=True)])
 
 
 def run_consumer(settings, redis_url: str, names: StreamNames, stop: threading.Event | None = None) -> None:

@@ -163,13 +163,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 durations[chosen] = model.pipeline.predict_features(subset)
                 metrics.predictions.labels(model.version, arm).inc(int(chosen.sum()))
         now = datetime.now(UTC).replace(tzinfo=None)
-        results = []
+        results, records = [], []
         for i, ride in enumerate(rides):
             model = models[arms[i]]
             duration = float(durations[i])
-            predlog.put(log_record(ride, ride_ids[i], pickups[i], duration, model.version, str(arms[i]), "api", now))
+            records.append(log_record(ride, ride_ids[i], pickups[i], duration, model.version, str(arms[i]), "api",
+                                      now))
             results.append({"ride_id": ride_ids[i], "duration": duration, "arm": str(arms[i]),
                             "model": {"name": model.name, "version": model.version, "alias": model.alias}})
+        predlog.put(records)
         return results
 
     # The handlers build their JSON themselves: re-validating our own output through the response model

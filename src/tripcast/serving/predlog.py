@@ -40,7 +40,11 @@ class PredictionLog:
         self.batch_size = batch_size
         self.flush_seconds = flush_seconds
         self.shadow = shadow
-        self._queue: queue.Queue[dict] = queue.Queue(maxsize=queue_size)
+        # Items are lists of records (one per request); the bound counts records, not items.
+        self.queue_size = queue_size
+        self._queue: queue.SimpleQueue[list[dict]] = queue.SimpleQueue()
+        self._queued = 0
+        self._count_lock = threading.Lock()
         self._engine = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
@@ -51,15 +55,18 @@ class PredictionLog:
         self.last_error: str | None = None
 
     # --- request side --------------------------------------------------------------------------------
-    def put(self, record: dict) -> None:
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
+    def put(self, records: list[dict]) -> None:
+        """Queue a request's records; never blocks. Past the bound the records are dropped and counted."""
+        with self._count_lock:
+            if self._queued + len(records) > self.queue_size:
+                self.dropped += len(records)
+                return
+            self._queued += len(records)
+        self._queue.put(records)
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return self._queued
 
     @property
     def spool_records(self) -> int:
@@ -91,12 +98,14 @@ class PredictionLog:
         """Up to batch_size records, waiting at most flush_seconds after the first: few, large commits."""
         batch: list[dict] = []
         try:
-            batch.append(self._queue.get(timeout=self.flush_seconds))
+            batch.extend(self._queue.get(timeout=self.flush_seconds))
             deadline = time.monotonic() + self.flush_seconds
             while len(batch) < self.batch_size and not self._stop.is_set():
-                batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                batch.extend(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
         except queue.Empty:
             pass
+        with self._count_lock:
+            self._queued -= len(batch)
         return batch
 
     def _write(self, batch: list[dict]) -> None:
@@ -108,10 +117,9 @@ class PredictionLog:
             with self._locked():
                 pending = self._read_spool()
                 with self._engine.begin() as conn:
-                    if pending:
-                        conn.execute(predictions.insert(), pending)
-                    if batch:
-                        conn.execute(predictions.insert(), batch)
+                    for records in (pending, batch):
+                        if records:
+                            _insert(conn, records)
                 if pending:
                     self.spool.unlink()
                     log.info("prediction log: replayed %d spooled records", len(pending))
@@ -167,6 +175,27 @@ class PredictionLog:
                             record[key] = datetime.fromisoformat(record[key])
                     records.append(record)
         return records
+
+
+_COLUMNS = [c.name for c in predictions.columns if c.name != "id"]
+
+
+def _insert(conn, records: list[dict]) -> None:
+    """Bulk insert through the driver (SQLAlchemy's per-row parameter processing would cost more than the
+    database here, in a thread that shares the GIL with the request path)."""
+    marker = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+    sqlite = conn.dialect.name == "sqlite"
+    columns = ", ".join(f'"{c}"' for c in _COLUMNS)
+    sql = f"INSERT INTO predictions ({columns}) VALUES ({', '.join([marker] * len(_COLUMNS))})"
+    conn.exec_driver_sql(sql, [tuple(_plain(r.get(c), sqlite) for c in _COLUMNS) for r in records])
+
+
+def _plain(value, sqlite: bool):
+    """Values the drivers bind natively: on SQLite, datetimes as the text SQLAlchemy itself stores there;
+    numpy scalars as Python numbers."""
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ", timespec="microseconds") if sqlite else value.replace(tzinfo=None)
+    return value.item() if hasattr(value, "item") else value
 
 
 def _jsonable(record: dict) -> dict:
