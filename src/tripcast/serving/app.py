@@ -150,7 +150,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      + (f" (last error: {champion.last_error})" if champion.last_error else ""))
         other = challenger.current if challenger is not None else None
         columns, ride_ids, pickups = ride_columns(rides)
-        features = served.pipeline.preprocessor.features(*columns)
         arms = np.array([policy.arm(i, other is not None) for i in ride_ids])
         durations = np.empty(len(rides))
         models: dict[str, LoadedModel] = {CHAMPION_ARM: served}
@@ -159,8 +158,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for arm, model in models.items():
             chosen = arms == arm
             if chosen.any():
-                subset = features if chosen.all() else {k: v[chosen] for k, v in features.items()}
-                durations[chosen] = model.pipeline.predict_features(subset)
+                subset = columns if chosen.all() else tuple(column[chosen] for column in columns)
+                # Each model turns rides into input with its own (saved) preprocessor.
+                durations[chosen] = model.pipeline.predict_features(model.pipeline.preprocessor.features(*subset))
                 metrics.predictions.labels(model.version, arm).inc(int(chosen.sum()))
         now = datetime.now(UTC).replace(tzinfo=None)
         results, records = [], []
