@@ -292,4 +292,5 @@ def latest_months(color: str, settings: Settings, today: pd.Timestamp | None = N
         if month_exists(color, month, settings):
             return month.shift(-1), month
         month = month.shift(-1)
-    raise MissingMonthError(f"no {color} month found in the last {look_back} months at {settings.tlc_base_url}")
+    source = settings.tlc_mirror or settings.tlc_base_url
+    raise MissingMonthError(f"no {color} month found in the last {look_back} months at {source}")

@@ -68,13 +68,6 @@ class PredictionLog:
     def depth(self) -> int:
         return self._queued
 
-    @property
-    def spool_records(self) -> int:
-        if not self.spool.exists():
-            return 0
-        with self.spool.open("rb") as handle:
-            return sum(1 for _ in handle)
-
     # --- writer side ---------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
