@@ -68,3 +68,11 @@ def test_train_json_then_models_list(settings: Settings, prefect_server: str) ->
     assert payload["metrics"]["baseline_val_rmse"] < payload["metrics"]["val_rmse"]  # the rule wins here
     listing = run(["models", "list"], {"COLUMNS": "120"})
     assert listing.returncode == 0 and "linear" in listing.stdout and "rejected" in listing.stdout
+
+
+@pytest.mark.slow
+def test_an_error_inside_the_flow_is_still_one_line(settings: Settings, prefect_server: str) -> None:
+    result = run(["train", "--train-month", "2021-05", "--val-month", "2021-06"], {"PREFECT_API_URL": prefect_server})
+    assert result.returncode == 2
+    assert "no green file for 2021-05" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -11,15 +11,15 @@ from prefect.cache_policies import NONE
 from tripcast import training
 from tripcast.config import Settings, load_settings
 from tripcast.data import tlc
-from tripcast.errors import DataError, SourceUnavailableError
+from tripcast.errors import DataError
 from tripcast.models import DEFAULT_FAMILY
 from tripcast.registry import CHALLENGER, CHAMPION, Registry, decide
 
 
 def _retry_download(task, task_run, state) -> bool:
-    """Retry network trouble; a missing month or a corrupt file will not mend by retrying."""
-    error = state.data
-    return isinstance(error, SourceUnavailableError) or not isinstance(error, DataError)
+    """Retry the unexpected (a full disk, a killed process). Not data errors: a missing month or a corrupt
+    file will not mend, and the data layer has already retried the network with back-off."""
+    return not isinstance(state.data, DataError)
 
 
 # DataFrames flow between tasks in memory: no result persistence and no input hashing (cache_policy=NONE).
