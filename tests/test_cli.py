@@ -17,7 +17,8 @@ TRIPCAST = [sys.executable, "-m", "tripcast"]
 
 def run(args: list[str], env_extra: dict[str, str] | None = None, cwd: Path | None = None,
         timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()} | (env_extra or {})
+    # As a user runs it: without the logging levels the test harness sets for itself.
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_LOGGING_LEVEL")} | (env_extra or {})
     return subprocess.run(TRIPCAST + args, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
 
 
