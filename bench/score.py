@@ -44,7 +44,7 @@ def main() -> None:
         from tripcast.registry import CHAMPION, Registry
 
         settings = load_settings()
-        months = [training.prepare_month("green", m, tlc.read_month("green", m, settings), settings)
+        months = [training.read_month_data("green", m, settings)
                   for m in ("2021-01", "2021-02")]
         result = training.train(months[0], months[1], "lightgbm", settings)
         registry = Registry(settings)

@@ -85,7 +85,6 @@ def prepare(home: Path) -> dict:
     os.environ.update({"TRIPCAST_HOME": str(home), "TRIPCAST_PROGRESS": "false"})
     from tripcast import training
     from tripcast.config import load_settings
-    from tripcast.data import tlc
     from tripcast.registry import CHALLENGER, Registry
 
     def mlflow_artifacts(uri: str) -> str:
@@ -94,7 +93,7 @@ def prepare(home: Path) -> dict:
         return mlflow.artifacts.download_artifacts(uri, dst_path=str(home / "bare-model"))
 
     settings = load_settings()
-    months = [training.prepare_month("green", m, tlc.read_month("green", m, settings), settings)
+    months = [training.read_month_data("green", m, settings)
               for m in ("2021-01", "2021-02")]
     result = training.train(months[0], months[1], "lightgbm", settings)
     registry = Registry(settings)

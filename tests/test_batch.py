@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def champion(settings: Settings):
-    months = {m: training.prepare_month("green", m, tlc.read_month("green", m, settings), settings)
+    months = {m: training.read_month_data("green", m, settings)
               for m in ("2021-01", "2021-02")}
     result = training.train(months["2021-01"], months["2021-02"], "baseline", settings)
     registry = Registry(settings)

@@ -12,7 +12,6 @@ import sqlalchemy as sa
 
 from tripcast import training
 from tripcast.config import Settings
-from tripcast.data import tlc
 from tripcast.registry import CHAMPION, Registry, decide
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -36,7 +35,7 @@ def postgres_uri() -> Iterator[str]:
 
 def test_train_and_register_on_postgres(settings: Settings, postgres_uri: str) -> None:
     prod = settings.with_overrides(tracking_uri=postgres_uri)
-    months = {m: training.prepare_month("green", m, tlc.read_month("green", m, prod), prod)
+    months = {m: training.read_month_data("green", m, prod)
               for m in ("2021-01", "2021-02")}
     result = training.train(months["2021-01"], months["2021-02"], "lightgbm", prod)
     registry = Registry(prod)

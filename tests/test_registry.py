@@ -8,7 +8,6 @@ import pytest
 
 from tripcast import training
 from tripcast.config import Settings
-from tripcast.data import tlc
 from tripcast.errors import RegistryError
 from tripcast.registry import CHALLENGER, CHAMPION, Registry, decide
 
@@ -27,7 +26,7 @@ def test_policy_needs_the_baseline_and_the_margin() -> None:
 
 
 def test_registry_model_predicts_exactly_what_training_predicted(settings: Settings) -> None:
-    months = {m: training.prepare_month("green", m, tlc.read_month("green", m, settings), settings)
+    months = {m: training.read_month_data("green", m, settings)
               for m in ("2021-01", "2021-02")}
     result = training.train(months["2021-01"], months["2021-02"], "lightgbm", settings)
     registry = Registry(settings)

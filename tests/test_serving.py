@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from helpers import free_port
 
 from tripcast import training
 from tripcast.config import Settings
-from tripcast.data import tlc
 from tripcast.registry import CHALLENGER, CHAMPION, Registry, decide
 from tripcast.store import connect, predictions
 
@@ -31,17 +31,12 @@ TOKEN = "test-admin-token"
 COURSE_RIDE = {"PULocationID": 10, "DOLocationID": 50, "trip_distance": 40}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 class Server:
     """``tripcast serve`` in a subprocess, with its own environment."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen([sys.executable, "-m", "tripcast", "serve", "--port", str(self.port)],
                                         env=os.environ | env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -76,7 +71,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tlc_mirror: Path) -> Iterato
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     settings = Settings(home=home, tlc_mirror=str(tlc_mirror), progress=False)
-    months = {m: training.prepare_month("green", m, tlc.read_month("green", m, settings), settings)
+    months = {m: training.read_month_data("green", m, settings)
               for m in ("2021-01", "2021-02")}
     registry = Registry(settings)
     versions = []
@@ -342,7 +337,7 @@ def test_log_reaches_postgres_after_an_outage(world: dict) -> None:
     admin = sa.create_engine("postgresql://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    proxy = _Proxy(_free_port())
+    proxy = _Proxy(free_port())
     proxied = f"postgresql://postgres@127.0.0.1:{proxy.port}/{name}"
     srv = Server(world["env"] | {"TRIPCAST_MONITORING_URI": proxied})  # the store is down from the start
     try:

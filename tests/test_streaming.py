@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -15,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from helpers import free_port
 
 from tripcast import training
 from tripcast.config import Settings
-from tripcast.data import tlc
 from tripcast.registry import CHAMPION, Registry, decide
 from tripcast.serving.holder import ModelHolder
 from tripcast.streaming import StreamConsumer, StreamNames
@@ -45,7 +44,7 @@ def client(names: StreamNames) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def served(settings: Settings) -> dict:
-    months = {m: training.prepare_month("green", m, tlc.read_month("green", m, settings), settings)
+    months = {m: training.read_month_data("green", m, settings)
               for m in ("2021-01", "2021-02")}
     result = training.train(months["2021-01"], months["2021-02"], "baseline", settings)
     registry = Registry(settings)
@@ -105,11 +104,6 @@ def test_pending_events_are_redelivered_after_a_consumer_crash(client, names, se
     assert client.xpending(names.input, names.group)["pending"] == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _start_redis(port: int, folder: Path) -> subprocess.Popen:
     process = subprocess.Popen([shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port),
@@ -126,7 +120,7 @@ def _start_redis(port: int, folder: Path) -> subprocess.Popen:
 
 
 def test_consumer_survives_a_redis_restart(names, served, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     server = _start_redis(port, tmp_path)
     client = redis.Redis(port=port, decode_responses=True, socket_timeout=2)
     consumer = StreamConsumer(client, served["holder"], names, block_ms=100)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import shutil
-import socket
 import threading
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import free_port
 
 from tripcast.config import Settings
 from tripcast.data import tlc
@@ -126,11 +126,6 @@ def test_damaged_cache_entry_is_fetched_again(settings: Settings) -> None:
     assert tlc.validate_file(tlc.fetch("green", "2021-01", settings), "green") == 76_518
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 class _FlakyMirror(http.server.SimpleHTTPRequestHandler):
     """Serves a folder; the first request for each file fails with 503 (a transient error)."""
@@ -154,7 +149,7 @@ class _FlakyMirror(http.server.SimpleHTTPRequestHandler):
 def http_mirror(tlc_mirror: Path):
     _FlakyMirror.failed, _FlakyMirror.requests = set(), []
     handler = lambda *a, **k: _FlakyMirror(*a, directory=str(tlc_mirror), **k)  # noqa: E731
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", _free_port()), handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/trip-data"
@@ -179,7 +174,7 @@ def test_http_missing_month_names_address(settings: Settings, http_mirror: str) 
 
 
 def test_offline_without_mirror_names_the_setting(settings: Settings) -> None:
-    closed = f"http://127.0.0.1:{_free_port()}/trip-data"  # nothing listens there: connection refused
+    closed = f"http://127.0.0.1:{free_port()}/trip-data"  # nothing listens there: connection refused
     offline = settings.with_overrides(tlc_mirror=None, tlc_base_url=closed, download_retries=2,
                                       download_backoff_seconds=0.01)
     with pytest.raises(SourceUnavailableError, match="TRIPCAST_TLC_MIRROR"):

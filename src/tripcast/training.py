@@ -73,6 +73,11 @@ def prepare_month(color: str, month: str | tlc.Month, raw: pd.DataFrame, setting
     return MonthData(color, month, tlc.source_address(color, month, settings), digest, rides, drops)
 
 
+def read_month_data(color: str, month: str | tlc.Month, settings: Settings) -> MonthData:
+    """Read (fetching if needed) and validate a month in one call; the flow keeps the two steps apart."""
+    return prepare_month(color, month, tlc.read_month(color, month, settings), settings)
+
+
 @dataclass
 class FeatureSet:
     """Model input for the training and validation months, from the one preprocessor."""
@@ -112,7 +117,6 @@ class TrainingResult:
 def tune(model: str, train: MonthData, trials: int, timeout: float | None, seed: int = 42) -> dict[str, Any]:
     """Optuna search on the training month alone: its last fifth (by pickup time) is the hold-out, so the
     validation month stays unseen until the final evaluation. Each trial is a nested MLflow run."""
-    family = model if model in ("ridge", "lasso") else FAMILIES[model][0]
     rides = train.rides.sort_values("pickup_datetime", kind="stable")
     cut = int(len(rides) * 0.8)
     pre = feats.Preprocessor()
@@ -120,7 +124,7 @@ def tune(model: str, train: MonthData, trials: int, timeout: float | None, seed:
     fit_y, hold_y = feats.targets(rides.iloc[:cut]), feats.targets(rides.iloc[cut:])
 
     def objective(trial: optuna.Trial) -> float:
-        params = suggest_params(trial, family)
+        params = suggest_params(trial, model)
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
             mlflow.log_params(params)
             rmse = regression_metrics(hold_y, build(model, **params).fit(fit_x, fit_y).predict(hold_x))["rmse"]

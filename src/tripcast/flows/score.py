@@ -11,12 +11,12 @@ from prefect.cache_policies import NONE
 from tripcast import batch
 from tripcast.config import Settings, load_settings
 from tripcast.data import tlc
-from tripcast.flows.train import _retry_download
+from tripcast.flows import retry_unless_data_error
 from tripcast.models import TripDurationPipeline
 from tripcast.registry import CHAMPION, Registry
 
 
-@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_download, cache_policy=NONE)
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_data_error, cache_policy=NONE)
 def score_month(color: str, month: tlc.Month, pipeline: TripDurationPipeline, version: str,
                 settings: Settings) -> dict[str, Any]:
     started = time.perf_counter()

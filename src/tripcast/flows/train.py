@@ -11,19 +11,13 @@ from prefect.cache_policies import NONE
 from tripcast import training
 from tripcast.config import Settings, load_settings
 from tripcast.data import tlc
-from tripcast.errors import DataError
+from tripcast.flows import retry_unless_data_error
 from tripcast.models import DEFAULT_FAMILY
 from tripcast.registry import CHALLENGER, CHAMPION, Registry, decide
 
 
-def _retry_download(task, task_run, state) -> bool:
-    """Retry the unexpected (a full disk, a killed process). Not data errors: a missing month or a corrupt
-    file will not mend, and the data layer has already retried the network with back-off."""
-    return not isinstance(state.data, DataError)
-
-
 # DataFrames flow between tasks in memory: no result persistence and no input hashing (cache_policy=NONE).
-@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_download, cache_policy=NONE)
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_data_error, cache_policy=NONE)
 def load(color: str, month: tlc.Month, settings: Settings) -> pd.DataFrame:
     return tlc.read_month(color, month, settings)
 

@@ -130,7 +130,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="tripcast", version="1", lifespan=lifespan,
                   description="NYC taxi trip duration predictions from the MLflow registry's champion.")
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.state.settings, app.state.holders, app.state.predlog = settings, holders, predlog
 
     @app.exception_handler(DataError)
     async def data_error(request: Request, exc: DataError) -> JSONResponse:
