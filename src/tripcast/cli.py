@@ -29,7 +29,8 @@ err = Console(stderr=True, soft_wrap=True)
 def _settings(verbose: bool = False) -> Settings:
     """Load settings and give Prefect its own quiet home under TRIPCAST_HOME (before Prefect is imported)."""
     settings = load_settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
+    # Prefect's ephemeral server cannot create its SQLite file in a folder that does not exist yet.
+    settings.prefect_home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home.resolve()))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Quiet by default: a failing flow re-raises its error here, where it is printed as one line.

@@ -55,6 +55,26 @@ class Settings:
     log_queue_size: int = 100_000
     log_batch_size: int = 1_000
     log_flush_seconds: float = 0.5
+    # Monitoring (see tripcast.monitoring): windows of logged predictions and their thresholds. The defaults
+    # were measured on green 2021-2023: weekly 2021 windows stay below them, 2023 windows do not.
+    window: str = "week"  # day | week (a day of green taxi rides is too few for stable zone statistics)
+    min_window_rows: int = 500  # fewer rides than this in a window: no drift verdict
+    drift_threshold: float = 0.1  # per column: Jensen-Shannon (zones) / normed Wasserstein (numbers)
+    drift_share: float = 0.5  # share of drifted features that makes the dataset drifted
+    od_drift_threshold: float = 0.12  # Jensen-Shannon distance of the zone-pair mix
+    rmse_increase: float = 0.2  # accuracy alert at RMSE >= (1 + this) x the version's validation RMSE
+    alert_windows: int = 1  # consecutive breached windows before a rule fires
+    alert_webhook_url: str | None = None
+    alert_webhook_attempts: int = 3
+    # The automation policy: alert -> retrain on recent labelled rides -> promote or reject.
+    automate: bool = True
+    retrain_model: str = "lightgbm"
+    retrain_lookback_days: float = 28.0  # labelled rides this far before the evaluation window train it
+    retrain_min_rows: int = 5_000  # fewer labelled rides: no retrain (deferred)
+    promotion_min_rows: int = 1_000  # fewer labelled rides in the evaluation window: no promotion
+    retrain_cooldown_days: float = 7.0  # event time between two retrains
+    retrain_max: int = 3  # at most this many retrains ...
+    retrain_period_days: float = 30.0  # ... per this period (event time)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -139,6 +159,8 @@ def load_settings(config_file: Path | None = None, env: dict[str, str] | None = 
         raise ConfigError("min_duration must be below max_duration")
     if settings.traffic_mode not in ("champion", "ab", "shadow"):
         raise ConfigError(f"traffic_mode {settings.traffic_mode!r}: choose champion, ab or shadow")
+    if settings.window not in ("day", "week"):
+        raise ConfigError(f"window {settings.window!r}: choose day or week")
     if not 0.0 <= settings.challenger_weight <= 1.0:
         raise ConfigError("challenger_weight must be between 0 and 1")
     return settings

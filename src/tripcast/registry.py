@@ -45,11 +45,14 @@ class PromotionDecision:
 
 
 def decide(challenger_rmse: float, champion_rmse: float | None, baseline_rmse: float,
-           margin: float) -> PromotionDecision:
+           margin: float, rows: int | None = None, min_rows: int = 0) -> PromotionDecision:
     """Promote only if the challenger beats the rule baseline and beats the champion, on the same
-    validation rows, by ``margin`` (relative: 0.01 = 1 % lower RMSE)."""
+    validation rows (at least ``min_rows`` of them), by ``margin`` (relative: 0.01 = 1 % lower RMSE)."""
     args = dict(challenger_rmse=challenger_rmse, champion_rmse=champion_rmse, baseline_rmse=baseline_rmse,
                 margin=margin)
+    if rows is not None and rows < min_rows:
+        return PromotionDecision(False, f"validated on {rows:,} rides, fewer than {min_rows:,}: too few to "
+                                        "promote on", **args)
     if not challenger_rmse < baseline_rmse:
         return PromotionDecision(False, f"RMSE {challenger_rmse:.4f} does not beat the rule baseline "
                                         f"{baseline_rmse:.4f}", **args)

@@ -1,12 +1,30 @@
 """The monitoring store (SQLAlchemy): SQLite under TRIPCAST_HOME by default, PostgreSQL in production.
 
-Serving writes the prediction log here; monitoring reads it.
+Serving writes the prediction log and the labels (feedback) here; monitoring reads them and writes its
+window metrics, alerts and automation decisions beside them.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Column, DateTime, Float, Integer, MetaData, String, Table, create_engine, event
-from sqlalchemy.engine import Engine
+from collections.abc import Iterable
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, Engine
 
 metadata = MetaData()
 
@@ -16,7 +34,7 @@ predictions = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("ride_id", String(128), nullable=False, index=True),
     Column("logged_at", DateTime, nullable=False, index=True),
-    Column("pickup_datetime", DateTime),
+    Column("pickup_datetime", DateTime, index=True),  # event time: monitoring windows are cut on it
     Column("PULocationID", Integer, nullable=False),
     Column("DOLocationID", Integer, nullable=False),
     Column("trip_distance", Float, nullable=False),
@@ -26,6 +44,75 @@ predictions = Table(
     Column("source", String(16), nullable=False),  # api, batch, stream
     Column("shadow_prediction", Float),
     Column("shadow_version", String(32)),
+)
+
+# Ground truth, as it arrives: an actual duration, or a drop-off time (the duration is then taken from the
+# logged pickup). Kept even when no prediction with that ride_id is logged (yet).
+labels = Table(
+    "labels",
+    metadata,
+    Column("ride_id", String(128), primary_key=True),
+    Column("actual_duration", Float),
+    Column("dropoff_datetime", DateTime),
+    Column("received_at", DateTime, nullable=False),
+    Column("source", String(16), nullable=False),  # api, month
+)
+
+window_metrics = Table(
+    "window_metrics",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(8), nullable=False),  # window length: day, week
+    Column("window_start", DateTime, nullable=False, index=True),
+    Column("window_end", DateTime, nullable=False),
+    Column("model_version", String(32), nullable=False),
+    Column("metric", String(64), nullable=False),
+    Column("value", Float),
+    Column("threshold", Float),
+    Column("breached", Boolean),
+    Column("computed_at", DateTime, nullable=False),
+    Column("report", String(256)),
+    UniqueConstraint("kind", "window_start", "model_version", "metric"),
+)
+
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("rule", String(32), nullable=False),
+    Column("kind", String(8), nullable=False),
+    Column("window_start", DateTime, nullable=False),
+    Column("window_end", DateTime, nullable=False, index=True),
+    Column("model_version", String(32), nullable=False),
+    Column("metric", String(64), nullable=False),
+    Column("value", Float),
+    Column("threshold", Float),
+    Column("message", Text, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("delivered", Boolean),  # None: no webhook configured
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("delivery_error", Text),
+    UniqueConstraint("rule", "kind", "window_start", "model_version"),
+)
+
+# Every automation decision: retrain skipped (and why), challenger promoted or rejected (and why).
+decisions = Table(
+    "decisions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime, nullable=False),
+    Column("trigger", Text, nullable=False),
+    Column("event_time", DateTime, nullable=False, index=True),  # end of the window that triggered it
+    Column("action", String(16), nullable=False),  # skipped, promoted, rejected, failed
+    Column("reason", Text, nullable=False),
+    Column("champion_version", String(32)),
+    Column("challenger_version", String(32)),
+    Column("champion_rmse", Float),
+    Column("challenger_rmse", Float),
+    Column("baseline_rmse", Float),
+    Column("train_rows", Integer),
+    Column("eval_rows", Integer),
+    Column("data", Text),  # JSON: the periods used for training and evaluation, the run id
 )
 
 
@@ -47,3 +134,18 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def upsert(conn: Connection, table: Table, rows: Iterable[dict], keys: list[str]) -> int:
+    """Insert rows, replacing those with the same ``keys`` (SQLite and PostgreSQL)."""
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    rows = list(rows)
+    if not rows:
+        return 0
+    chunk = 30_000 // len(rows[0])  # both databases cap the bound parameters of one statement
+    for i in range(0, len(rows), chunk):
+        part = rows[i:i + chunk]
+        statement = insert(table).values(part)
+        updates = {c: statement.excluded[c] for c in part[0] if c not in keys}
+        conn.execute(statement.on_conflict_do_update(index_elements=keys, set_=updates))
+    return len(rows)

@@ -13,6 +13,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,10 @@ INPUT_SCHEMA = Schema([
 
 @dataclass
 class MonthData:
-    """A cleaned month and where it came from."""
+    """A cleaned month (or, for retraining from the prediction log, a period) and where it came from."""
 
     color: str
-    month: tlc.Month
+    month: tlc.Month | str
     source: str
     digest: str
     rides: pd.DataFrame
@@ -71,6 +72,14 @@ def prepare_month(color: str, month: str | tlc.Month, raw: pd.DataFrame, setting
     path = tlc.cache_path(color, month, settings)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
     return MonthData(color, month, tlc.source_address(color, month, settings), digest, rides, drops)
+
+
+def prepare_period(rides: pd.DataFrame, start: datetime, end: datetime, source: str,
+                   settings: Settings) -> MonthData:
+    """Labelled rides from the prediction log (canonical columns plus ``duration``), filtered like a month."""
+    clean, drops = feats.clean(rides, settings.min_duration, settings.max_duration, pd.Timestamp(start),
+                               pd.Timestamp(end), settings.max_distance)
+    return MonthData("served", f"{start:%Y-%m-%d}..{end:%Y-%m-%d}", source, "", clean, drops)
 
 
 def read_month_data(color: str, month: str | tlc.Month, settings: Settings) -> MonthData:

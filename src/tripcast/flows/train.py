@@ -53,17 +53,18 @@ def evaluate(val_data: training.MonthData, settings: Settings) -> dict[str, Any]
 
 @task(cache_policy=NONE)
 def register(result: training.TrainingResult, champion: dict[str, Any] | None, settings: Settings,
-             promote: bool) -> dict[str, Any]:
+             promote: bool, min_rows: int = 0, tags: dict[str, str] | None = None) -> dict[str, Any]:
     registry = Registry(settings)
-    mv = registry.register(result.model_uri, result.run_id, tags={"model": result.model})
+    mv = registry.register(result.model_uri, result.run_id, tags={"model": result.model} | (tags or {}))
     decision = decide(result.val_rmse, champion["rmse"] if champion else None, result.baseline_rmse,
-                      settings.promotion_margin)
+                      settings.promotion_margin, rows=len(result.val_predictions), min_rows=min_rows)
     if promote:
         mv = registry.apply(mv.version, decision)
     get_run_logger().info("version %s: %s (%s)", mv.version,
                           "promoted" if promote and decision.promote else "not promoted", decision.reason)
     return {"version": str(mv.version), "alias": CHAMPION if promote and decision.promote else CHALLENGER,
             "promoted": promote and decision.promote, "reason": decision.reason,
+            "challenger_rmse": decision.challenger_rmse, "baseline_rmse": decision.baseline_rmse,
             "champion_before": champion["version"] if champion else None}
 
 

@@ -1,0 +1,121 @@
+"""Monitoring and automation as Prefect flows.
+
+``monitor``: measure the windows of logged predictions, store the figures, fire alerts, and let the
+automation policy retrain. ``retrain``: train on recent labelled rides from the prediction log, register the
+result as ``challenger``, compare it with the champion on the latest labelled window (which training did not
+see), promote or reject, and record the decision in the monitoring store and on the model version.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+
+from tripcast import training
+from tripcast.config import Settings, load_settings
+from tripcast.flows.train import evaluate, features, register, train
+from tripcast.monitoring import alerts, policy
+from tripcast.monitoring.windows import (
+    Window,
+    compute_window,
+    labelled_training_rides,
+    logged_span,
+    window_of,
+    windows_between,
+)
+from tripcast.registry import CHAMPION, Registry
+from tripcast.store import connect
+
+
+def _parse(value: str | datetime | None) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+@task(cache_policy=NONE)
+def measure_window(window: Window, settings: Settings) -> list[dict]:
+    return compute_window(connect(settings.resolved_monitoring_uri), Registry(settings), window, settings)
+
+
+@flow(name="monitor")
+def monitor_flow(window: str | None = None, since: str | None = None, until: str | None = None,
+                 automate: bool | None = None) -> dict[str, Any]:
+    """Measure every window overlapping [since, until) (default: the last four windows of the log), fire
+    alerts, and apply the automation policy to them."""
+    settings = load_settings()
+    kind = window or settings.window
+    engine = connect(settings.resolved_monitoring_uri)
+    span = logged_span(engine)
+    if span is None:
+        return {"windows": [], "alerts": [], "decision": None, "note": "the prediction log is empty"}
+    until_t = _parse(until) or span[1] + timedelta(microseconds=1)
+    since_t = _parse(since) or max(span[0], window_of(kind, until_t).start - 3 * (
+        window_of(kind, until_t).end - window_of(kind, until_t).start))
+    windows = windows_between(kind, since_t, until_t)
+    measured = {str(w): measure_window(w, settings) for w in windows}
+    fired = alerts.evaluate_rules(engine, windows, settings)
+    decision = None
+    if fired and (settings.automate if automate is None else automate):
+        decision = automate_flow_step(fired, settings)
+    return {"windows": [{"window": name, "versions": sorted({r["model_version"] for r in rows}),
+                         "rows": int(sum(r["value"] for r in rows if r["metric"] == "rows"))}
+                        for name, rows in measured.items()],
+            "alerts": [a["message"] for a in fired], "decision": decision}
+
+
+def automate_flow_step(fired: list[dict], settings: Settings) -> dict[str, Any]:
+    """The policy's answer to a batch of alerts: a skipped decision, or a retrain."""
+    engine = connect(settings.resolved_monitoring_uri)
+    plan = policy.plan_retrain(engine, fired, settings)
+    logger = get_run_logger()
+    if not plan.go:
+        logger.info("no retrain: %s", plan.reason)
+        return _public(policy.record(engine, plan, "skipped", plan.reason,
+                                     champion_version=Registry(settings).current(CHAMPION)))
+    try:
+        return retrain_flow(plan.trigger, plan.event_time.isoformat(), plan.train_start.isoformat(),
+                            plan.train_end.isoformat(), plan.eval_start.isoformat(), plan.eval_end.isoformat())
+    except Exception as exc:  # a failed retrain is a decision too: recorded, and the champion stays
+        return _public(policy.record(engine, plan, "failed", f"retrain failed: {type(exc).__name__}: {exc}",
+                                     champion_version=Registry(settings).current(CHAMPION)))
+
+
+@task(cache_policy=NONE)
+def labelled(start: datetime, end: datetime, settings: Settings) -> training.MonthData:
+    rides = labelled_training_rides(connect(settings.resolved_monitoring_uri), start, end)
+    source = f"{settings.resolved_monitoring_uri.split('?')[0]}#predictions+labels"
+    return training.prepare_period(rides, start, end, source, settings)
+
+
+@flow(name="retrain")
+def retrain_flow(trigger: str, event_time: str, train_start: str, train_end: str, eval_start: str,
+                 eval_end: str, model: str | None = None) -> dict[str, Any]:
+    """Train on labelled rides in [train_start, train_end), validate on [eval_start, eval_end), register the
+    challenger, promote or reject it, and record why."""
+    settings = load_settings()
+    model = model or settings.retrain_model
+    engine = connect(settings.resolved_monitoring_uri)
+    times = [datetime.fromisoformat(t) for t in (event_time, train_start, train_end, eval_start, eval_end)]
+    train_data = labelled(times[1], times[2], settings)
+    eval_data = labelled(times[3], times[4], settings)
+    plan = policy.RetrainPlan(True, "", trigger, times[0], *times[1:], train_rows=len(train_data.rides),
+                              eval_rows=len(eval_data.rides))
+    fs = features(train_data, eval_data)
+    result = train(train_data, eval_data, fs, model, settings, 0, None)
+    champion = evaluate(eval_data, settings)
+    tags = {"automation.trigger": trigger[:4000], "automation.train_period": str(train_data.month),
+            "automation.eval_period": str(eval_data.month)}
+    outcome = register(result, champion, settings, True, min_rows=settings.promotion_min_rows, tags=tags)
+    get_run_logger().info("challenger %s %s: %s", outcome["version"],
+                          "promoted" if outcome["promoted"] else "rejected", outcome["reason"])
+    return _public(policy.record(
+        engine, plan, "promoted" if outcome["promoted"] else "rejected", outcome["reason"],
+        champion_version=champion["version"] if champion else None, challenger_version=outcome["version"],
+        champion_rmse=champion["rmse"] if champion else None, challenger_rmse=outcome["challenger_rmse"],
+        baseline_rmse=outcome["baseline_rmse"], data={"run_id": result.run_id, "model": model}))
+
+
+def _public(row: dict) -> dict[str, Any]:
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items() if k != "data"}

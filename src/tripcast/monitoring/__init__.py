@@ -1,0 +1,1 @@
+"""Monitoring: windows of logged predictions against the champion's reference, alerts, automation policy."""

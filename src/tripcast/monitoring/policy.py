@@ -1,0 +1,100 @@
+"""The automation policy: when may an alert start a retrain, and on which labelled rides.
+
+Guards, all on event time (the windows' clock, so a replay behaves like production): a cooldown after each
+retrain, at most ``retrain_max`` retrains per ``retrain_period_days``, and a minimum of labelled rides to
+train on. Evaluation uses the latest window with labels, which training never sees; promotion itself is
+the registry's policy (beat the rule baseline and the champion by the margin, on enough rows).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import and_, func, select
+from sqlalchemy.engine import Engine
+
+from tripcast.config import Settings
+from tripcast.monitoring.windows import Window, window_of
+from tripcast.store import decisions, labels, predictions
+
+RETRAINED = ("promoted", "rejected")
+
+
+@dataclass(frozen=True)
+class RetrainPlan:
+    go: bool
+    reason: str
+    trigger: str
+    event_time: datetime
+    train_start: datetime | None = None
+    train_end: datetime | None = None
+    eval_start: datetime | None = None
+    eval_end: datetime | None = None
+    train_rows: int = 0
+    eval_rows: int = 0
+
+
+def _labelled_count(conn, start: datetime, end: datetime) -> int:
+    p = predictions.c
+    return conn.execute(select(func.count(func.distinct(p.ride_id)))
+                        .select_from(predictions.join(labels, p.ride_id == labels.c.ride_id))
+                        .where(and_(p.pickup_datetime >= start, p.pickup_datetime < end))).scalar_one()
+
+
+def plan_retrain(engine: Engine, fired: list[dict], settings: Settings) -> RetrainPlan:
+    """Whether the alerts in ``fired`` may start a retrain now, and with which data."""
+    trigger = "; ".join(a["message"] for a in fired)
+    event_time = max(a["window_end"] for a in fired)
+    kind = fired[0]["kind"]
+    plan = dict(trigger=trigger, event_time=event_time)
+    with engine.connect() as conn:
+        retrains = conn.execute(select(decisions.c.event_time).where(and_(
+            decisions.c.action.in_(RETRAINED),
+            decisions.c.event_time > event_time - timedelta(days=settings.retrain_period_days),
+            decisions.c.event_time <= event_time)).order_by(decisions.c.event_time)).scalars().all()
+        cooldown = timedelta(days=settings.retrain_cooldown_days)
+        if retrains and event_time - retrains[-1] < cooldown:
+            return RetrainPlan(False, f"cooldown: last retrain at {retrains[-1]:%Y-%m-%d %H:%M}, next one allowed "
+                                      f"from {retrains[-1] + cooldown:%Y-%m-%d %H:%M}", **plan)
+        if len(retrains) >= settings.retrain_max:
+            return RetrainPlan(False, f"retrain cap: {len(retrains)} retrains in the last "
+                                      f"{settings.retrain_period_days:g} days (max {settings.retrain_max})", **plan)
+        p = predictions.c
+        latest = conn.execute(select(func.max(p.pickup_datetime))
+                              .select_from(predictions.join(labels, p.ride_id == labels.c.ride_id))
+                              .where(p.pickup_datetime < event_time)).scalar_one()
+        if latest is None:
+            return RetrainPlan(False, "deferred: no labelled rides yet", **plan)
+        # The evaluation window: the latest window with enough labels (a partly labelled last window is
+        # skipped), else the latest window with any.
+        evaluation = window_of(kind, latest)
+        candidate = evaluation
+        for _ in range(4):
+            if _labelled_count(conn, candidate.start, candidate.end) >= settings.promotion_min_rows:
+                evaluation = candidate
+                break
+            candidate = Window(kind, candidate.start - (candidate.end - candidate.start), candidate.start)
+        eval_rows = _labelled_count(conn, evaluation.start, evaluation.end)
+        train_start = evaluation.start - timedelta(days=settings.retrain_lookback_days)
+        train_rows = _labelled_count(conn, train_start, evaluation.start)
+    plan |= dict(train_start=train_start, train_end=evaluation.start, eval_start=evaluation.start,
+                 eval_end=evaluation.end, train_rows=train_rows, eval_rows=eval_rows)
+    if train_rows < settings.retrain_min_rows:
+        return RetrainPlan(False, f"deferred: {train_rows:,} labelled rides from {train_start:%Y-%m-%d} to "
+                                  f"{evaluation.start:%Y-%m-%d}, fewer than {settings.retrain_min_rows:,}", **plan)
+    return RetrainPlan(True, f"retrain on {train_rows:,} labelled rides, evaluate on {eval_rows:,}", **plan)
+
+
+def record(engine: Engine, plan: RetrainPlan, action: str, reason: str, **details) -> dict:
+    """Store a decision (skipped, promoted, rejected, failed) with its reason and the data it used."""
+    data = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(plan).items()
+            if k.startswith(("train_", "eval_"))} | details.pop("data", {})
+    row = {"created_at": datetime.now(UTC).replace(tzinfo=None), "trigger": plan.trigger,
+           "event_time": plan.event_time, "action": action, "reason": reason,
+           "train_rows": plan.train_rows or None, "eval_rows": plan.eval_rows or None,
+           "data": json.dumps(data)} | details
+    with engine.begin() as conn:
+        conn.execute(decisions.insert(), [row])
+    return row

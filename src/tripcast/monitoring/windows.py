@@ -1,0 +1,245 @@
+"""Windows of logged predictions measured against the reference of the model that served them.
+
+Windows are cut on event time (the ride's pickup), so a replay of 2021 lands in 2021 windows and a late
+prediction still counts in the window of its ride. Per window and model version: data drift per feature
+and prediction drift (Evidently), the share of drifted features, an origin-destination drift measure,
+data quality, and, once labels have arrived, the realised RMSE and MAE against the validation RMSE.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.spatial.distance import jensenshannon
+from sqlalchemy import and_, func, select
+from sqlalchemy.engine import Engine
+
+from tripcast.config import Settings
+from tripcast.features import NEW_YORK, TARGET
+from tripcast.metrics import regression_metrics
+from tripcast.registry import Registry
+from tripcast.store import labels, predictions, upsert, window_metrics
+from tripcast.training import REFERENCE_ARTIFACT
+
+log = logging.getLogger(__name__)
+LENGTHS = {"day": timedelta(days=1), "week": timedelta(days=7)}
+CATEGORICAL = ["PULocationID", "DOLocationID"]
+NUMERICAL = ["trip_distance", "pickup_hour"]
+FEATURES = CATEGORICAL + NUMERICAL
+UNKNOWN_ZONES = (264, 265)  # the TLC's "Unknown" / "Outside of NYC" zones
+OD_TOP_PAIRS = 100  # the reference's most frequent zone pairs; the rest share one bucket (sparse otherwise)
+MIN_LABELLED_ROWS = 100  # fewer labelled rides in a window: no realised accuracy
+
+
+@dataclass(frozen=True)
+class Window:
+    kind: str
+    start: datetime
+    end: datetime
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.start:%Y-%m-%d}"
+
+
+def window_of(kind: str, moment: datetime) -> Window:
+    """The window holding ``moment``: days from midnight, weeks from Monday midnight (ISO weeks)."""
+    if kind not in LENGTHS:
+        raise ValueError(f"window {kind!r}: choose {' or '.join(LENGTHS)}")
+    start = datetime(moment.year, moment.month, moment.day)
+    if kind == "week":
+        start -= timedelta(days=start.weekday())
+    return Window(kind, start, start + LENGTHS[kind])
+
+
+def windows_between(kind: str, since: datetime, until: datetime) -> list[Window]:
+    """The windows that overlap [since, until)."""
+    found, window = [], window_of(kind, since)
+    while window.start < until:
+        found.append(window)
+        window = Window(kind, window.end, window.end + LENGTHS[kind])
+    return found
+
+
+@dataclass
+class Reference:
+    """A model version's validation rows with its predictions and actual durations (logged at training)."""
+
+    version: str
+    frame: pd.DataFrame
+    val_rmse: float
+    val_mae: float
+
+
+def load_reference(registry: Registry, version: str, cache_dir: Path) -> Reference:
+    """From the version's MLflow run (cached on disk): monitoring never needs the training files."""
+    import mlflow
+
+    path = cache_dir / f"{registry.name}-v{version}.parquet"
+    if not path.exists():
+        mv = registry.version(version)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=REFERENCE_ARTIFACT,
+                                                        dst_path=tmp)
+            os.replace(local, path)
+    frame = pd.read_parquet(path)
+    accuracy = regression_metrics(frame[TARGET].to_numpy(), frame["prediction"].to_numpy())
+    return Reference(version, frame, accuracy["rmse"], accuracy["mae"])
+
+
+def logged_rides(engine: Engine, start: datetime, end: datetime, labelled_only: bool = False) -> pd.DataFrame:
+    """Predictions with pickup in [start, end), joined to their labels; ``actual`` is NaN until one arrives."""
+    p, lab = predictions.c, labels.c
+    query = (select(p.ride_id, p.pickup_datetime, p.PULocationID, p.DOLocationID, p.trip_distance, p.prediction,
+                    p.model_version, p.arm, p.shadow_prediction, p.shadow_version, lab.actual_duration,
+                    lab.dropoff_datetime)
+             .select_from(predictions.join(labels, p.ride_id == lab.ride_id, isouter=not labelled_only))
+             .where(and_(p.pickup_datetime >= start, p.pickup_datetime < end)))
+    with engine.connect() as conn:
+        frame = pd.read_sql(query, conn)
+    for column in ("pickup_datetime", "dropoff_datetime"):
+        frame[column] = pd.to_datetime(frame[column])
+    from_dropoff = (frame["dropoff_datetime"] - frame["pickup_datetime"]).dt.total_seconds() / 60.0
+    frame["actual"] = frame["actual_duration"].astype(float).fillna(from_dropoff)
+    return frame.drop(columns=["actual_duration", "dropoff_datetime"])
+
+
+def labelled_training_rides(engine: Engine, start: datetime, end: datetime) -> pd.DataFrame:
+    """Labelled rides in [start, end) in the canonical shape training takes (one row per ride)."""
+    frame = logged_rides(engine, start, end, labelled_only=True).dropna(subset=["actual"])
+    frame = frame.drop_duplicates("ride_id", keep="last")
+    return pd.DataFrame({"PULocationID": frame["PULocationID"].astype("int32"),
+                         "DOLocationID": frame["DOLocationID"].astype("int32"),
+                         "trip_distance": frame["trip_distance"].astype(float),
+                         "pickup_datetime": frame["pickup_datetime"].astype("datetime64[us]"),
+                         TARGET: frame["actual"].astype(float)}).reset_index(drop=True)
+
+
+def od_drift(reference_pairs: np.ndarray, current_pairs: np.ndarray, top: int = OD_TOP_PAIRS) -> float:
+    """Jensen-Shannon distance (base 2, 0..1) between the zone-pair mixes: the reference's ``top`` pairs and
+    one bucket for all others, so that thousands of rare pairs do not turn sampling noise into drift."""
+    counts = pd.Series(reference_pairs).value_counts()
+    keep = counts.index[:top]
+    ref = np.append(counts.iloc[:top].to_numpy(float), len(reference_pairs) - counts.iloc[:top].sum())
+    cur = pd.Series(current_pairs).value_counts().reindex(keep, fill_value=0).to_numpy(float)
+    cur = np.append(cur, len(current_pairs) - cur.sum())
+    return float(jensenshannon(ref, cur, base=2))
+
+
+def _features(frame: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"PULocationID": frame["PULocationID"].astype("int64"),
+                         "DOLocationID": frame["DOLocationID"].astype("int64"),
+                         "trip_distance": frame["trip_distance"].astype(float),
+                         "pickup_hour": frame["pickup_hour"].astype("int64"),
+                         "prediction": frame["prediction"].astype(float)})
+
+
+def drift_report(current: pd.DataFrame, reference: pd.DataFrame, settings: Settings, html: Path | None):
+    """Evidently: drift per feature, the share of drifted features, prediction drift; optional HTML report."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
+    from evidently.presets import DataDriftPreset
+
+    definition = DataDefinition(numerical_columns=NUMERICAL + ["prediction"], categorical_columns=CATEGORICAL)
+    report = Report([DataDriftPreset(columns=FEATURES, drift_share=settings.drift_share,
+                                     threshold=settings.drift_threshold),
+                     ValueDrift(column="prediction", threshold=settings.drift_threshold)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        snapshot = report.run(Dataset.from_pandas(_features(current), data_definition=definition),
+                              Dataset.from_pandas(_features(reference), data_definition=definition))
+    values: dict[str, float] = {}
+    for metric in snapshot.dict()["metrics"]:
+        config = metric["config"]
+        if config["type"].endswith("DriftedColumnsCount"):
+            values["drift_share"] = float(metric["value"]["share"])
+        elif config["type"].endswith("ValueDrift"):
+            column = config["column"]
+            values["prediction_drift" if column == "prediction" else f"drift_{column}"] = float(metric["value"])
+    if html is not None:
+        html.parent.mkdir(parents=True, exist_ok=True)
+        tmp = html.with_name(f".{html.name}.part")
+        snapshot.save_html(str(tmp))
+        os.replace(tmp, html)
+    return values
+
+
+def measure(frame: pd.DataFrame, reference: Reference, settings: Settings,
+            html: Path | None = None) -> list[tuple[str, float | None, float | None, bool | None]]:
+    """(metric, value, threshold, breached) for one window's rows of one model version."""
+    rows = len(frame)
+    out: list[tuple[str, float | None, float | None, bool | None]] = [("rows", float(rows), None, None)]
+    ref = reference.frame
+    if rows:
+        missing = frame[["PULocationID", "DOLocationID", "trip_distance", "pickup_datetime"]].isna().any(axis=1)
+        distance_cap = float(ref["trip_distance"].quantile(0.999))
+        out += [("missing_share", float(missing.mean()), None, None),
+                ("unknown_zone_share", float(frame["PULocationID"].isin(UNKNOWN_ZONES).mean()
+                                             + frame["DOLocationID"].isin(UNKNOWN_ZONES).mean()) / 2, None, None),
+                ("distance_out_of_range_share", float((frame["trip_distance"] > distance_cap).mean()
+                                                      + (frame["trip_distance"] <= 0).mean()), None, None)]
+    if rows >= settings.min_window_rows:
+        current = frame.assign(pickup_hour=frame["pickup_datetime"].dt.hour)
+        values = drift_report(current, ref, settings, html)
+        out.append(("drift_share", values.pop("drift_share"), settings.drift_share, None))
+        out.append(("prediction_drift", values.pop("prediction_drift"), settings.drift_threshold, None))
+        out += [(name, value, settings.drift_threshold, None) for name, value in values.items()]
+        pairs = frame["PULocationID"].to_numpy(np.int64) * 1000 + frame["DOLocationID"].to_numpy(np.int64)
+        ref_pairs = ref["PULocationID"].to_numpy(np.int64) * 1000 + ref["DOLocationID"].to_numpy(np.int64)
+        out.append(("od_drift", od_drift(ref_pairs, pairs), settings.od_drift_threshold, None))
+    labelled = frame[frame["actual"].notna()]
+    out.append(("labelled_rows", float(len(labelled)), None, None))
+    if len(labelled) >= MIN_LABELLED_ROWS:
+        accuracy = regression_metrics(labelled["actual"].to_numpy(), labelled["prediction"].to_numpy())
+        out += [("rmse", accuracy["rmse"], None, None), ("mae", accuracy["mae"], None, None),
+                ("val_rmse", reference.val_rmse, None, None),
+                ("rmse_ratio", accuracy["rmse"] / reference.val_rmse, 1 + settings.rmse_increase, None)]
+        shadow = labelled[labelled["shadow_prediction"].notna()]
+        if len(shadow) >= MIN_LABELLED_ROWS:
+            shadow_rmse = regression_metrics(shadow["actual"].to_numpy(), shadow["shadow_prediction"].to_numpy())
+            out.append(("shadow_rmse", shadow_rmse["rmse"], None, None))
+    # A value at or above its threshold is a breach.
+    return [(m, v, t, None if t is None or v is None else bool(v >= t)) for m, v, t, _ in out]
+
+
+def compute_window(engine: Engine, registry: Registry, window: Window, settings: Settings) -> list[dict]:
+    """Measure a window for every model version that served in it, replacing earlier figures."""
+    frame = logged_rides(engine, window.start, window.end)
+    computed_at = datetime.now(UTC).replace(tzinfo=None)
+    rows: list[dict] = []
+    for version, part in frame.groupby("model_version", sort=True):
+        reference = load_reference(registry, str(version), settings.home / "references")
+        report = settings.home / "reports" / f"{window.kind}-{window.start:%Y-%m-%d}-v{version}.html"
+        measured = measure(part, reference, settings, report)
+        has_report = any(m == "drift_share" for m, *_ in measured)
+        rows += [{"kind": window.kind, "window_start": window.start, "window_end": window.end,
+                  "model_version": str(version), "metric": metric, "value": value, "threshold": threshold,
+                  "breached": breached, "computed_at": computed_at,
+                  "report": report.name if has_report else None}
+                 for metric, value, threshold, breached in measured]
+    with engine.begin() as conn:
+        upsert(conn, window_metrics, rows, ["kind", "window_start", "model_version", "metric"])
+    return rows
+
+
+def logged_span(engine: Engine) -> tuple[datetime, datetime] | None:
+    """First and last pickup in the prediction log."""
+    with engine.connect() as conn:
+        first, last = conn.execute(select(func.min(predictions.c.pickup_datetime),
+                                          func.max(predictions.c.pickup_datetime))).one()
+    return None if first is None else (first, last)
+
+
+def now_local() -> datetime:
+    """Now as the log records pickups: naive New York time."""
+    from zoneinfo import ZoneInfo
+
+    return datetime.now(ZoneInfo(NEW_YORK)).replace(tzinfo=None)
