@@ -9,6 +9,7 @@ import sys
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -74,6 +75,23 @@ def data_pull(
     for month in tlc.month_range(first, last or first):
         path = tlc.fetch(color, month, settings)
         out.print(f"{color} {month}: {tlc.validate_file(path, color):,} rows  {path}", highlight=False)
+
+
+@data_app.command("drift")
+def data_drift(
+    color: Annotated[str, typer.Argument(help="green, yellow or fhv")],
+    month: Annotated[str, typer.Argument(help="Month, YYYY-MM")],
+    kind: Annotated[str, typer.Option(help="slower-traffic, longer-distances or zone-shift")],
+    out_dir: Annotated[str, typer.Option("--out", help="Folder to write to (use it as TRIPCAST_TLC_MIRROR).")],
+    strength: Annotated[float | None, typer.Option(help="Factor, or number of zones swapped.")] = None,
+) -> None:
+    """Write a month with a known drift, in the TLC's schema, to rehearse monitoring on purpose."""
+    from pathlib import Path
+
+    from tripcast.data.drift import inject
+
+    path = inject(color, month, kind, _settings(), Path(out_dir), strength)
+    out.print(f"{kind} {color} {month} -> {path}", highlight=False)
 
 
 @data_app.command("info")
@@ -184,18 +202,126 @@ def quickstart(verbose: Verbose = False) -> None:
 
 @app.command()
 def schedule(
-    cron: Annotated[str, typer.Option(help="Cron schedule.")] = "0 6 5 * *",
+    cron: Annotated[str, typer.Option(help="Cron schedule of the retrain.")] = "0 6 5 * *",
+    monitor_cron: Annotated[str, typer.Option(help="Cron schedule of monitoring.")] = "15 * * * *",
     model: Annotated[str, typer.Option(help="Model family.")] = "lightgbm",
     color: Color = "green",
 ) -> None:
-    """Serve a Prefect deployment that retrains monthly on the latest TLC months (needs PREFECT_API_URL)."""
+    """Serve Prefect deployments: a monthly retrain on the latest TLC months and hourly monitoring (with the
+    automation policy). Needs a Prefect server (PREFECT_API_URL)."""
     _settings(True)
     if not os.environ.get("PREFECT_API_URL"):
         _fail("a schedule needs a running Prefect server: `prefect server start`, then set PREFECT_API_URL "
               "(e.g. http://127.0.0.1:4200/api)")
-    from tripcast.flows.train import serve_schedule
+    from prefect import serve as serve_deployments
 
-    serve_schedule(cron, model, color)
+    from tripcast.flows.monitor import monitor_deployment
+    from tripcast.flows.train import deployment
+
+    serve_deployments(deployment(cron, model, color), monitor_deployment(monitor_cron))
+
+
+# --- monitoring ----------------------------------------------------------------------------------------
+@app.command()
+def monitor(
+    window: Annotated[str | None, typer.Option(help="day or week (default: TRIPCAST_WINDOW, week).")] = None,
+    since: Annotated[str | None, typer.Option(help="ISO date/time, New York time (default: 4 windows back).")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO date/time, exclusive (default: the last logged ride).")] = None,
+    automate: Annotated[bool | None, typer.Option("--automate/--no-automate",
+                                                  help="Let alerts retrain (default: TRIPCAST_AUTOMATE).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Measure windows of logged predictions (drift, quality, accuracy), fire alerts, apply the policy."""
+    _settings(verbose)
+    from datetime import datetime
+
+    from tripcast.flows.monitor import monitor_flow
+
+    for name, value in (("since", since), ("until", until)):
+        if value is not None:
+            try:
+                datetime.fromisoformat(value)
+            except ValueError:
+                _fail(f"--{name} {value!r} is not an ISO date or date-time (e.g. 2021-02-01)")
+    result = monitor_flow(window, since, until, automate)
+    if not result["windows"]:
+        out.print(result.get("note", "nothing to monitor"))
+    for item in result["windows"]:
+        out.print(f"{item['window']}: {item['rows']:,} predictions (versions {', '.join(item['versions'])})",
+                  highlight=False)
+    for message in result["alerts"]:
+        out.print(f"[yellow]alert[/yellow] {message}", highlight=False)
+    if result["decision"]:
+        out.print(f"decision: {result['decision']['action']}: {result['decision']['reason']}", highlight=False)
+
+
+@app.command()
+def feedback(
+    month: Annotated[str, typer.Option(help="The TLC month whose actual durations to join, YYYY-MM.")],
+    color: Color = "green",
+) -> None:
+    """Join a published month's actual durations to the logged predictions (ride_id <colour>-<month>-<row>)."""
+    settings = _settings()
+    from tripcast.monitoring.feedback import join_month
+
+    result = join_month(color, month, settings)
+    out.print(f"{color} {month}: {result['stored']:,} labels stored, {result['matched']:,} match a logged "
+              f"prediction, {result['unknown']:,} do not (yet)", highlight=False)
+
+
+@app.command()
+def loop(
+    first: Annotated[str, typer.Option("--from", help="First month replayed, YYYY-MM.")] = "2021-01",
+    last: Annotated[str, typer.Option("--to", help="Last month replayed, YYYY-MM.")] = "2021-03",
+    color: Color = "green",
+    sample: Annotated[float, typer.Option(help="Share of each month's rides replayed.")] = 1.0,
+    speedup: Annotated[float, typer.Option(help="Event time runs this many times faster than real time "
+                                                "(0: as fast as the API answers).")] = 0.0,
+    label_delay: Annotated[int, typer.Option(help="Windows until actual durations arrive.")] = 1,
+    drift: Annotated[str | None, typer.Option(help="Inject a drift: slower-traffic, longer-distances or "
+                                                   "zone-shift.")] = None,
+    drift_from: Annotated[str | None, typer.Option(help="First drifted month (default: --from).")] = None,
+    drift_strength: Annotated[float | None, typer.Option(help="Factor (or zones swapped).")] = None,
+    api_url: Annotated[str | None, typer.Option(help="A running API (default: start one).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Rehearse the loop: replay months as traffic, labels later, monitor, retrain, promote; print a timeline."""
+    settings = _settings(verbose)
+    from tripcast.rehearsal import LoopOptions, run_loop, save_timeline, timeline_rows
+
+    options = LoopOptions(color=color, first=first, last=last, sample=sample, speedup=speedup,
+                          label_delay=label_delay, drift=drift, drift_from=drift_from, drift_strength=drift_strength,
+                          api_url=api_url)
+
+    def progress(window, rides: int, outcome: dict) -> None:
+        note = f" alerts {len(outcome['alerts'])}" if outcome["alerts"] else ""
+        if outcome["decision"]:
+            note += f"; {outcome['decision']['action']}"
+        err.print(f"{window}: {rides:,} rides replayed{note}", highlight=False)
+
+    result = run_loop(options, settings, progress if settings.progress else None)
+    if result.bootstrap:
+        out.print(result.bootstrap, highlight=False)
+    table = Table(title=f"tripcast loop: {color} {first}..{last}" + (f", {drift} from {drift_from or first}"
+                                                                     if drift else ""), box=box.SIMPLE_HEAD)
+    for column in ("window", "rides", "served", "drift", "pred", "OD", "RMSE", "/val", "alerts", "decision"):
+        table.add_column(column, justify="left" if column in ("window", "served", "decision") else "right",
+                         no_wrap=True)
+    for row in timeline_rows(result):
+        table.add_row(row["window"], f"{row['rides']:,}", row["served"], _num(row["drift_share"], 2),
+                      _num(row["prediction_drift"]), _num(row["od_drift"]), _num(row["rmse"], 2),
+                      _num(row["rmse_ratio"], 2), str(row["alerts"] or ""), row["decisions"])
+    Console(width=max(out.width, 120)).print(table)  # a table cut to 80 columns is unreadable in a log
+    for d in result.timeline["decisions"]:
+        out.print(f"{d['event_time'][:10]} {d['action']}: {d['reason']}", highlight=False, soft_wrap=True)
+    path = save_timeline(result, settings.home / "loop" / "timeline.csv")
+    out.print(f"{result.sent:,} rides replayed, {result.failed:,} failed, {result.labels_sent:,} labels, "
+              f"{result.seconds:.0f} s; timeline in {path}; dashboard: tripcast serve, then /dashboard",
+              highlight=False, soft_wrap=True)
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
 
 
 @app.command()

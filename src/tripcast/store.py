@@ -149,3 +149,25 @@ def upsert(conn: Connection, table: Table, rows: Iterable[dict], keys: list[str]
         updates = {c: statement.excluded[c] for c in part[0] if c not in keys}
         conn.execute(statement.on_conflict_do_update(index_elements=keys, set_=updates))
     return len(rows)
+
+
+def record_labels(engine: Engine, rows: list[dict], source: str) -> dict:
+    """Store labels (ride_id plus actual_duration or dropoff_datetime), replacing earlier ones for the same
+    rides. Returns how many were stored and which ride_ids have no logged prediction (yet): those are kept,
+    and join their prediction if it is logged later."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select
+
+    now = datetime.now(UTC).replace(tzinfo=None)
+    rows = [{"ride_id": r["ride_id"], "actual_duration": r.get("actual_duration"),
+             "dropoff_datetime": r.get("dropoff_datetime"), "received_at": now, "source": source} for r in rows]
+    ids = [r["ride_id"] for r in rows]
+    known: set[str] = set()
+    with engine.begin() as conn:
+        upsert(conn, labels, rows, ["ride_id"])
+        for i in range(0, len(ids), 10_000):
+            part = ids[i:i + 10_000]
+            known.update(conn.execute(select(predictions.c.ride_id).where(predictions.c.ride_id.in_(part)))
+                         .scalars())
+    return {"stored": len(rows), "unknown": [i for i in ids if i not in known]}

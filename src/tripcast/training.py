@@ -25,6 +25,7 @@ import mlflow
 import numpy as np
 import optuna
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
@@ -58,6 +59,9 @@ class MonthData:
     digest: str
     rides: pd.DataFrame
     drops: feats.DropReport
+    # Every ride a model could be asked about (valid inputs, any duration): the monitoring reference. The
+    # duration filter selects on the target, so ``rides`` alone under-represents long trips in traffic.
+    inputs: pd.DataFrame | None = None
 
     @property
     def label(self) -> str:
@@ -69,9 +73,10 @@ def prepare_month(color: str, month: str | tlc.Month, raw: pd.DataFrame, setting
     month = tlc.Month.parse(month)
     rides, drops = feats.clean(raw, settings.min_duration, settings.max_duration, month.start, month.end,
                                settings.max_distance)
+    inputs, _ = feats.clean(raw, -np.inf, np.inf, month.start, month.end, settings.max_distance)
     path = tlc.cache_path(color, month, settings)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
-    return MonthData(color, month, tlc.source_address(color, month, settings), digest, rides, drops)
+    return MonthData(color, month, tlc.source_address(color, month, settings), digest, rides, drops, inputs)
 
 
 def prepare_period(rides: pd.DataFrame, start: datetime, end: datetime, source: str,
@@ -79,7 +84,8 @@ def prepare_period(rides: pd.DataFrame, start: datetime, end: datetime, source: 
     """Labelled rides from the prediction log (canonical columns plus ``duration``), filtered like a month."""
     clean, drops = feats.clean(rides, settings.min_duration, settings.max_duration, pd.Timestamp(start),
                                pd.Timestamp(end), settings.max_distance)
-    return MonthData("served", f"{start:%Y-%m-%d}..{end:%Y-%m-%d}", source, "", clean, drops)
+    inputs, _ = feats.clean(rides, -np.inf, np.inf, pd.Timestamp(start), pd.Timestamp(end), settings.max_distance)
+    return MonthData("served", f"{start:%Y-%m-%d}..{end:%Y-%m-%d}", source, "", clean, drops, inputs)
 
 
 def read_month_data(color: str, month: str | tlc.Month, settings: Settings) -> MonthData:
@@ -168,9 +174,13 @@ def _log_dataset(data: MonthData, context: str) -> None:
     # cannot hold missing values (zone IDs never are missing after validation).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(data.rides.head(1000), source=data.source, name=data.label,
-                                          targets=feats.TARGET, digest=data.digest or None)
-        mlflow.log_input(dataset, context=context, tags={"month": str(data.month), "rows": str(len(data.rides))})
+        try:
+            dataset = mlflow.data.from_pandas(data.rides.head(1000), source=data.source, name=data.label,
+                                              targets=feats.TARGET, digest=data.digest or None)
+        except MlflowException:  # a database MLflow cannot resolve: named in the tags
+            dataset = mlflow.data.from_pandas(data.rides.head(1000), name=data.label, targets=feats.TARGET)
+        mlflow.log_input(dataset, context=context, tags={"month": str(data.month), "rows": str(len(data.rides)),
+                                                         "source": data.source})
 
 
 def train(
@@ -237,10 +247,8 @@ def _log_model(pipeline: TripDurationPipeline, val_data: MonthData, val_x: pd.Da
     signature = ModelSignature(inputs=INPUT_SCHEMA, outputs=Schema([ColSpec("double")]))
     with tempfile.TemporaryDirectory() as tmp:
         folder = pipeline.save(Path(tmp) / "pipeline")
-        # The validation rows and their predictions: monitoring's reference, kept with the model.
-        reference = val_x.copy()
-        reference["prediction"] = val_pred
-        reference[feats.TARGET] = feats.targets(val_data.rides)
+        # The validation month's rides and their predictions: monitoring's reference, kept with the model.
+        reference = _reference(pipeline, val_data, val_x, val_pred)
         ref_path = Path(tmp) / "validation.parquet"
         reference.to_parquet(ref_path, index=False)
         mlflow.log_artifact(str(ref_path), artifact_path="reference")
@@ -249,6 +257,18 @@ def _log_model(pipeline: TripDurationPipeline, val_data: MonthData, val_x: pd.Da
             signature=signature, input_example=example, pip_requirements=_requirements(),
         )
     return info.model_uri
+
+
+def _reference(pipeline: TripDurationPipeline, val_data: MonthData, val_x: pd.DataFrame,
+               val_pred: np.ndarray) -> pd.DataFrame:
+    """Model input, prediction and actual duration of every validation ride, whatever its duration."""
+    rides = val_data.inputs if val_data.inputs is not None else val_data.rides
+    features = val_x if rides is val_data.rides else pipeline.preprocessor.transform(rides)
+    reference = features.copy()
+    reference["prediction"] = val_pred if rides is val_data.rides else pipeline.predict_features(features)
+    reference[feats.TARGET] = (rides[feats.TARGET].to_numpy(float) if feats.TARGET in rides
+                               else feats.duration_minutes(rides))
+    return reference
 
 
 def _requirements() -> list[str]:

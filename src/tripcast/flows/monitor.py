@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
+from sqlalchemy import make_url
 
 from tripcast import training
 from tripcast.config import Settings, load_settings
@@ -85,7 +86,8 @@ def automate_flow_step(fired: list[dict], settings: Settings) -> dict[str, Any]:
 @task(cache_policy=NONE)
 def labelled(start: datetime, end: datetime, settings: Settings) -> training.MonthData:
     rides = labelled_training_rides(connect(settings.resolved_monitoring_uri), start, end)
-    source = f"{settings.resolved_monitoring_uri.split('?')[0]}#predictions+labels"
+    store = make_url(settings.resolved_monitoring_uri).render_as_string(hide_password=True)
+    source = f"{store} (predictions joined to labels)"
     return training.prepare_period(rides, start, end, source, settings)
 
 
@@ -115,6 +117,12 @@ def retrain_flow(trigger: str, event_time: str, train_start: str, train_end: str
         champion_version=champion["version"] if champion else None, challenger_version=outcome["version"],
         champion_rmse=champion["rmse"] if champion else None, challenger_rmse=outcome["challenger_rmse"],
         baseline_rmse=outcome["baseline_rmse"], data={"run_id": result.run_id, "model": model}))
+
+
+def monitor_deployment(cron: str, name: str = "monitor"):
+    """Monitoring (with the automation policy) on a cron schedule: the last windows of the prediction log."""
+    return monitor_flow.to_deployment(name=name, cron=cron,
+                                      description="Measure recent windows, fire alerts, retrain when a rule fires.")
 
 
 def _public(row: dict) -> dict[str, Any]:

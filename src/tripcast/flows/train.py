@@ -129,10 +129,3 @@ def deployment(cron: str, model: str, color: str, name: str = "monthly-retrain")
     return train_flow.to_deployment(
         name=name, cron=cron, parameters={"color": color, "model": model},
         description="Retrain on the two most recent TLC months and apply the promotion policy.")
-
-
-def serve_schedule(cron: str, model: str, color: str) -> None:
-    """Register the deployment and run it from this process when due (blocks; needs a Prefect server)."""
-    from prefect import serve
-
-    serve(deployment(cron, model, color))

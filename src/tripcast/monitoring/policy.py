@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 
 from tripcast.config import Settings
 from tripcast.monitoring.windows import Window, window_of
-from tripcast.store import decisions, labels, predictions
+from tripcast.store import decisions, labels, predictions, window_metrics
 
 RETRAINED = ("promoted", "rejected")
 
@@ -43,8 +43,24 @@ def _labelled_count(conn, start: datetime, end: datetime) -> int:
                         .where(and_(p.pickup_datetime >= start, p.pickup_datetime < end))).scalar_one()
 
 
+def _onset(conn, alert: dict) -> datetime:
+    """Start of the run of breached windows (same rule metric, kind and version) that ends with the alert."""
+    history = conn.execute(select(window_metrics.c.window_start, window_metrics.c.breached).where(and_(
+        window_metrics.c.kind == alert["kind"], window_metrics.c.metric == alert["metric"],
+        window_metrics.c.model_version == alert["model_version"],
+        window_metrics.c.window_start <= alert["window_start"])).order_by(window_metrics.c.window_start.desc())).all()
+    onset = alert["window_start"]
+    for start, breached in history:
+        if not breached:
+            break
+        onset = start
+    return onset
+
+
 def plan_retrain(engine: Engine, fired: list[dict], settings: Settings) -> RetrainPlan:
-    """Whether the alerts in ``fired`` may start a retrain now, and with which data."""
+    """Whether the alerts in ``fired`` may start a retrain now, and with which data: labelled rides since the
+    change began (the first breached window of the alert's run), at most ``retrain_lookback_days`` of them,
+    before the latest labelled window, which is kept for the evaluation."""
     trigger = "; ".join(a["message"] for a in fired)
     event_time = max(a["window_end"] for a in fired)
     kind = fired[0]["kind"]
@@ -77,13 +93,15 @@ def plan_retrain(engine: Engine, fired: list[dict], settings: Settings) -> Retra
                 break
             candidate = Window(kind, candidate.start - (candidate.end - candidate.start), candidate.start)
         eval_rows = _labelled_count(conn, evaluation.start, evaluation.end)
-        train_start = evaluation.start - timedelta(days=settings.retrain_lookback_days)
-        train_rows = _labelled_count(conn, train_start, evaluation.start)
+        onset = min(_onset(conn, alert) for alert in fired)
+        train_start = max(onset, evaluation.start - timedelta(days=settings.retrain_lookback_days))
+        train_rows = _labelled_count(conn, train_start, evaluation.start) if train_start < evaluation.start else 0
     plan |= dict(train_start=train_start, train_end=evaluation.start, eval_start=evaluation.start,
                  eval_end=evaluation.end, train_rows=train_rows, eval_rows=eval_rows)
     if train_rows < settings.retrain_min_rows:
-        return RetrainPlan(False, f"deferred: {train_rows:,} labelled rides from {train_start:%Y-%m-%d} to "
-                                  f"{evaluation.start:%Y-%m-%d}, fewer than {settings.retrain_min_rows:,}", **plan)
+        return RetrainPlan(False, f"deferred: {train_rows:,} labelled rides since the change began "
+                                  f"({train_start:%Y-%m-%d}) and before the evaluation window "
+                                  f"({evaluation.start:%Y-%m-%d}), fewer than {settings.retrain_min_rows:,}", **plan)
     return RetrainPlan(True, f"retrain on {train_rows:,} labelled rides, evaluate on {eval_rows:,}", **plan)
 
 

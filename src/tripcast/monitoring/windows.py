@@ -78,10 +78,11 @@ class Reference:
     val_mae: float
 
 
-def load_reference(registry: Registry, version: str, cache_dir: Path) -> Reference:
+def load_reference(registry: Registry, version: str, settings: Settings) -> Reference:
     """From the version's MLflow run (cached on disk): monitoring never needs the training files."""
     import mlflow
 
+    cache_dir = settings.home / "references"
     path = cache_dir / f"{registry.name}-v{version}.parquet"
     if not path.exists():
         mv = registry.version(version)
@@ -91,7 +92,10 @@ def load_reference(registry: Registry, version: str, cache_dir: Path) -> Referen
                                                         dst_path=tmp)
             os.replace(local, path)
     frame = pd.read_parquet(path)
-    accuracy = regression_metrics(frame[TARGET].to_numpy(), frame["prediction"].to_numpy())
+    # Validation accuracy on the rides the model is meant for (the training filter's duration range).
+    duration = frame[TARGET]
+    meant = frame[(duration >= settings.min_duration) & (duration <= settings.max_duration)]
+    accuracy = regression_metrics(meant[TARGET].to_numpy(), meant["prediction"].to_numpy())
     return Reference(version, frame, accuracy["rmse"], accuracy["mae"])
 
 
@@ -177,6 +181,7 @@ def measure(frame: pd.DataFrame, reference: Reference, settings: Settings,
     """(metric, value, threshold, breached) for one window's rows of one model version."""
     rows = len(frame)
     out: list[tuple[str, float | None, float | None, bool | None]] = [("rows", float(rows), None, None)]
+    out += [(f"rows_arm_{arm}", float(count), None, None) for arm, count in frame["arm"].value_counts().items()]
     ref = reference.frame
     if rows:
         missing = frame[["PULocationID", "DOLocationID", "trip_distance", "pickup_datetime"]].isna().any(axis=1)
@@ -195,7 +200,9 @@ def measure(frame: pd.DataFrame, reference: Reference, settings: Settings,
         pairs = frame["PULocationID"].to_numpy(np.int64) * 1000 + frame["DOLocationID"].to_numpy(np.int64)
         ref_pairs = ref["PULocationID"].to_numpy(np.int64) * 1000 + ref["DOLocationID"].to_numpy(np.int64)
         out.append(("od_drift", od_drift(ref_pairs, pairs), settings.od_drift_threshold, None))
-    labelled = frame[frame["actual"].notna()]
+    # Accuracy on the rides the model is meant for, filtered like its validation rows (1-60 minutes).
+    actual = frame["actual"]
+    labelled = frame[actual.notna() & (actual >= settings.min_duration) & (actual <= settings.max_duration)]
     out.append(("labelled_rows", float(len(labelled)), None, None))
     if len(labelled) >= MIN_LABELLED_ROWS:
         accuracy = regression_metrics(labelled["actual"].to_numpy(), labelled["prediction"].to_numpy())
@@ -216,7 +223,7 @@ def compute_window(engine: Engine, registry: Registry, window: Window, settings:
     computed_at = datetime.now(UTC).replace(tzinfo=None)
     rows: list[dict] = []
     for version, part in frame.groupby("model_version", sort=True):
-        reference = load_reference(registry, str(version), settings.home / "references")
+        reference = load_reference(registry, str(version), settings)
         report = settings.home / "reports" / f"{window.kind}-{window.start:%Y-%m-%d}-v{version}.html"
         measured = measure(part, reference, settings, report)
         has_report = any(m == "drift_share" for m, *_ in measured)

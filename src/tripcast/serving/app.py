@@ -16,17 +16,20 @@ import pandas as pd
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, create_model
+from sqlalchemy.exc import SQLAlchemyError
 
 from tripcast.config import Settings, load_settings
 from tripcast.errors import DataError
+from tripcast.monitoring import dashboard
 from tripcast.registry import CHALLENGER, Registry
 from tripcast.serving.holder import AliasWatcher, LoadedModel, ModelHolder
 from tripcast.serving.predlog import PredictionLog
-from tripcast.serving.schemas import Ride, log_record, ride_columns
+from tripcast.serving.schemas import Label, Ride, log_record, ride_columns
 from tripcast.serving.traffic import CHALLENGER_ARM, CHAMPION_ARM, TrafficPolicy
+from tripcast.store import connect, record_labels
 
 
 class ModelRef(BaseModel):
@@ -64,6 +67,8 @@ class Metrics:
         self.reloads = Gauge("tripcast_model_reloads", "Model versions loaded", ["alias"], registry=r)
         self.reload_failures = Gauge("tripcast_model_reload_failures", "Failed model loads", ["alias"], registry=r)
         self.served_version = Gauge("tripcast_served_version", "Version served per alias", ["alias"], registry=r)
+        self.monitoring = Gauge("tripcast_monitoring", "Latest monitoring window's figures", ["metric", "version"],
+                                registry=r)
 
 
 class MetricsMiddleware:
@@ -94,7 +99,8 @@ class MetricsMiddleware:
             self.metrics.latency.labels(path).observe(time.perf_counter() - started)
 
 
-_KNOWN_PATHS = {"/predict", "/predict/batch", "/health", "/ready", "/model", "/metrics", "/admin/reload"}
+_KNOWN_PATHS = {"/predict", "/predict/batch", "/health", "/ready", "/model", "/metrics", "/admin/reload",
+                "/feedback", "/dashboard", "/dashboard/data"}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -116,6 +122,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             settings.log_batch_size, settings.log_flush_seconds,
                             shadow=shadow_scores if policy.shadow else None)
     watcher = AliasWatcher(holders, settings.poll_seconds)
+    store: list = []  # the monitoring store's engine, made on first use (the store may be down at start)
+
+    def store_engine():
+        if not store:
+            store.append(connect(settings.resolved_monitoring_uri))
+        return store[0]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -224,6 +236,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.logs_spooled.set(predlog.spooled)
         metrics.logs_written.set(predlog.written)
         metrics.store_up.set(1 if predlog.store_up else 0)
+        try:
+            latest = await run_in_threadpool(dashboard.latest, store_engine(), settings.window)
+        except SQLAlchemyError:
+            latest = []
+        metrics.monitoring.clear()
+        for row in latest:
+            if row["value"] is not None:
+                metrics.monitoring.labels(row["metric"], row["model_version"]).set(row["value"])
         for holder in holders:
             metrics.reloads.labels(holder.alias).set(holder.reloads)
             metrics.reload_failures.labels(holder.alias).set(holder.failures)
@@ -246,5 +266,49 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         changed = {h.alias: await run_in_threadpool(h.refresh) for h in holders}
         return {alias: {"changed": changed[alias], "version": h.current.version if h.current else None,
                         "last_reload_error": h.last_error} for alias, h in zip(changed, holders, strict=True)}
+
+    feedback_body = create_model(
+        "LabelBatch", __config__=ConfigDict(extra="forbid"),
+        labels=(list[Label], Field(min_length=1, max_length=settings.batch_limit)))
+
+    @app.post("/feedback", dependencies=[Depends(admin)],
+              responses={401: {"description": "no token"}, 403: {"description": "wrong token"},
+                         503: {"description": "monitoring store unavailable"}})
+    async def feedback(batch: feedback_body) -> dict:  # type: ignore[valid-type]
+        """Actual durations (or drop-off times) of served rides, matched to logged predictions by ride_id.
+        Labels for ride_ids with no logged prediction (yet) are kept and reported as ``unknown``."""
+        try:
+            result = await run_in_threadpool(record_labels, store_engine(), [lab.row() for lab in batch.labels],
+                                             "api")
+        except SQLAlchemyError as exc:
+            raise HTTPException(503, f"monitoring store unavailable, labels not stored: retry "
+                                     f"({type(exc).__name__})") from None
+        return {"stored": result["stored"], "unknown": len(result["unknown"]),
+                "unknown_ride_ids": result["unknown"][:1000]}
+
+    @app.get("/dashboard", response_class=HTMLResponse, responses={503: {"description": "store unavailable"}})
+    async def dashboard_page() -> HTMLResponse:
+        return HTMLResponse(dashboard.page(await monitoring_data()))
+
+    @app.get("/dashboard/data", responses={503: {"description": "store unavailable"}})
+    async def dashboard_data() -> dict:
+        return await monitoring_data()
+
+    async def monitoring_data() -> dict:
+        try:
+            return await run_in_threadpool(dashboard.data, store_engine(), settings.window)
+        except SQLAlchemyError as exc:
+            raise HTTPException(503, f"monitoring store unavailable ({type(exc).__name__})") from None
+
+    @app.get("/dashboard/plotly.js", include_in_schema=False)
+    async def plotly_js() -> FileResponse:
+        return FileResponse(dashboard.PLOTLY_JS, media_type="application/javascript")
+
+    @app.get("/dashboard/reports/{name}", include_in_schema=False)
+    async def report(name: str) -> FileResponse:
+        path = settings.home / "reports" / name
+        if "/" in name or not name.endswith(".html") or not path.is_file():
+            raise HTTPException(404, f"no report {name!r}")
+        return FileResponse(path, media_type="text/html")
 
     return app

@@ -5,7 +5,7 @@ from datetime import datetime
 from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tripcast.features import ZONE_MAX, ZONE_MIN, local_naive
 
@@ -32,6 +32,27 @@ class Ride(BaseModel):
         if value is not None and not FIRST_PICKUP_YEAR <= value.year <= LAST_PICKUP_YEAR:
             raise ValueError(f"must be between {FIRST_PICKUP_YEAR} and {LAST_PICKUP_YEAR}")
         return value
+
+
+class Label(BaseModel):
+    """Ground truth for a ride: its actual duration in minutes, or its drop-off time."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"ride_id": "green-2021-02-17", "duration": 12.5}]})
+
+    ride_id: str = Field(min_length=1, max_length=128)
+    duration: float | None = Field(None, strict=True, gt=0, le=24 * 60, allow_inf_nan=False, description="minutes")
+    dropoff_datetime: datetime | None = Field(None, description="ISO 8601; naive means New York time")
+
+    @model_validator(mode="after")
+    def one_of(self) -> "Label":
+        if (self.duration is None) == (self.dropoff_datetime is None):
+            raise ValueError("give exactly one of duration or dropoff_datetime")
+        return self
+
+    def row(self) -> dict:
+        dropoff = local_naive(self.dropoff_datetime) if self.dropoff_datetime is not None else None
+        return {"ride_id": self.ride_id, "actual_duration": self.duration, "dropoff_datetime": dropoff}
 
 
 def ride_columns(rides: list[Ride]) -> tuple[tuple[np.ndarray, ...], list[str], list[datetime]]:

@@ -1,0 +1,144 @@
+"""The monitoring dashboard: one HTML page from the monitoring store, with plotly charts over time.
+
+Drift (share of drifted features, prediction drift, zone-pair drift) and realised RMSE against their
+thresholds, traffic per model version and arm, alerts and automation decisions as markers, and links to the
+per-window Evidently reports. ``data`` is the same content as JSON (the page's charts are built from it).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from tripcast.store import alerts, decisions, window_metrics
+
+PLOTLY_JS = Path(go.__file__).resolve().parents[1] / "package_data" / "plotly.min.js"
+LATEST_METRICS = ("drift_share", "prediction_drift", "od_drift", "rmse", "rmse_ratio", "rows", "labelled_rows")
+
+
+def _iso(value):
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def data(engine: Engine, kind: str) -> dict:
+    """Windows (one row per window and version, a column per metric), alerts, decisions, report files."""
+    with engine.connect() as conn:
+        metrics = pd.DataFrame(conn.execute(select(window_metrics).where(window_metrics.c.kind == kind)
+                                            .order_by(window_metrics.c.window_start)).mappings().all())
+        fired = conn.execute(select(alerts).where(alerts.c.kind == kind).order_by(alerts.c.window_start)
+                             ).mappings().all()
+        decided = conn.execute(select(decisions).order_by(decisions.c.event_time, decisions.c.id)).mappings().all()
+    windows: list[dict] = []
+    thresholds: dict[str, float] = {}
+    if not metrics.empty:
+        keys = ["window_start", "window_end", "model_version"]
+        wide = metrics.pivot_table(index=keys, columns="metric", values="value", aggfunc="last").reset_index()
+        reports = metrics.dropna(subset=["report"]).drop_duplicates(keys).set_index(keys)["report"]
+        wide["report"] = [reports.get(tuple(k)) for k in wide[keys].itertuples(index=False)]
+        wide = wide.astype(object).where(wide.notna(), None)
+        windows = [{k: _iso(v) for k, v in row.items()} for row in wide.to_dict("records")]
+        thresholds = (metrics.dropna(subset=["threshold"]).groupby("metric")["threshold"].last().to_dict())
+    return {"kind": kind, "windows": windows, "thresholds": thresholds,
+            "alerts": [{k: _iso(v) for k, v in a.items()} for a in fired],
+            "decisions": [{k: _iso(v) for k, v in d.items() if k != "data"} for d in decided]}
+
+
+def figure(content: dict) -> go.Figure:
+    frame = pd.DataFrame(content["windows"])
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("drift (Evidently; zone pairs: Jensen-Shannon)",
+                                        "realised RMSE (minutes) once labels arrive", "predictions per version"))
+    if frame.empty:
+        return fig
+    frame["window_start"] = pd.to_datetime(frame["window_start"])
+    for version, part in frame.groupby("model_version", sort=True):
+        for metric, dash in (("drift_share", "solid"), ("prediction_drift", "dot"), ("od_drift", "dash")):
+            if metric in part:
+                fig.add_trace(go.Scatter(x=part["window_start"], y=part[metric], mode="lines+markers",
+                                         name=f"v{version} {metric}", line={"dash": dash}), row=1, col=1)
+        if "rmse" in part and part["rmse"].notna().any():
+            fig.add_trace(go.Scatter(x=part["window_start"], y=part["rmse"], mode="lines+markers",
+                                     name=f"v{version} RMSE"), row=2, col=1)
+            limit = part["val_rmse"] * content["thresholds"].get("rmse_ratio", float("nan"))
+            fig.add_trace(go.Scatter(x=part["window_start"], y=limit, mode="lines", name=f"v{version} RMSE alert",
+                                     line={"dash": "dot", "color": "red"}), row=2, col=1)
+        arms = [c for c in part.columns if c.startswith("rows_arm_")] or ["rows"]
+        for column in arms:
+            label = f"v{version}" + (f" {column.removeprefix('rows_arm_')}" if column != "rows" else "")
+            fig.add_trace(go.Bar(x=part["window_start"], y=part[column], name=label), row=3, col=1)
+    for metric in ("drift_share", "od_drift"):
+        if metric in content["thresholds"]:
+            fig.add_hline(y=content["thresholds"][metric], line={"color": "grey", "dash": "dot", "width": 1},
+                          row=1, col=1)
+    for alert in content["alerts"]:
+        fig.add_vline(x=pd.Timestamp(alert["window_start"]).timestamp() * 1000, row=1, col=1,
+                      line={"color": "orange", "width": 1})
+    for decision in content["decisions"]:
+        if decision["action"] in ("promoted", "rejected"):
+            fig.add_vline(x=pd.Timestamp(decision["event_time"]).timestamp() * 1000,
+                          line={"color": "green" if decision["action"] == "promoted" else "red", "width": 2})
+    fig.update_layout(height=900, barmode="stack", legend={"orientation": "h"}, margin={"t": 40, "l": 50, "r": 20})
+    return fig
+
+
+def page(content: dict, report_base: str = "/dashboard/reports/", plotly_src: str = "/dashboard/plotly.js") -> str:
+    fig = figure(content)
+    rows = "".join(
+        f"<tr><td>{html.escape(str(w['window_start'])[:10])}</td><td>v{html.escape(str(w['model_version']))}</td>"
+        f"<td>{_fmt(w.get('rows'), 0)}</td><td>{_fmt(w.get('drift_share'))}</td><td>{_fmt(w.get('od_drift'))}</td>"
+        f"<td>{_fmt(w.get('rmse'))}</td><td>{_link(report_base, w.get('report'))}</td></tr>"
+        for w in reversed(content["windows"]))
+    alert_rows = "".join(f"<li>{html.escape(a['message'])}{_delivery(a)}</li>" for a in reversed(content["alerts"]))
+    decision_rows = "".join(f"<li><b>{html.escape(d['action'])}</b> {html.escape(str(d['event_time'])[:16])}: "
+                            f"{html.escape(d['reason'])}</li>" for d in reversed(content["decisions"]))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tripcast monitoring</title>
+<script src="{plotly_src}"></script>
+<style>body{{font-family:system-ui,sans-serif;margin:1.5em;color:#222}} table{{border-collapse:collapse}}
+td,th{{padding:.2em .7em;border-bottom:1px solid #ddd;text-align:right}} h2{{margin-top:1.5em}}</style></head>
+<body><h1>tripcast monitoring ({html.escape(content['kind'])} windows)</h1>
+<div id="charts" style="width:100%"></div>
+<script id="dashboard-data" type="application/json">{_script_json(content)}</script>
+<script>const fig = {fig.to_json()};
+Plotly.newPlot("charts", fig.data, fig.layout, {{responsive: true}});</script>
+<h2>Automation decisions</h2><ul id="decisions">{decision_rows or '<li>none yet</li>'}</ul>
+<h2>Alerts</h2><ul id="alerts">{alert_rows or '<li>none yet</li>'}</ul>
+<h2>Windows</h2><table id="windows"><tr><th>window</th><th>version</th><th>rides</th><th>drift share</th>
+<th>zone-pair drift</th><th>RMSE</th><th>report</th></tr>{rows}</table></body></html>"""
+
+
+def _delivery(alert: dict) -> str:
+    return f" (webhook failed: {html.escape(alert['delivery_error'] or '')})" if alert["delivered"] is False else ""
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "" if value is None else f"{value:,.{digits}f}"
+
+
+def _link(base: str, name: str | None) -> str:
+    return "" if not name else f'<a href="{base}{html.escape(name)}">Evidently report</a>'
+
+
+def _script_json(content: dict) -> str:
+    return json.dumps(content).replace("</", "<\\/")  # cannot close the script element early
+
+
+def latest(engine: Engine, kind: str) -> list[dict]:
+    """The newest window's figures, per version (for Prometheus)."""
+    with engine.connect() as conn:
+        newest = conn.execute(select(window_metrics.c.window_start).where(window_metrics.c.kind == kind)
+                              .order_by(window_metrics.c.window_start.desc()).limit(1)).scalar()
+        if newest is None:
+            return []
+        return [dict(r) for r in conn.execute(
+            select(window_metrics.c.model_version, window_metrics.c.metric, window_metrics.c.value)
+            .where(window_metrics.c.kind == kind, window_metrics.c.window_start == newest,
+                   window_metrics.c.metric.in_(LATEST_METRICS))).mappings()]
