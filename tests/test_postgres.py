@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-
 import mlflow
 import numpy as np
 import pytest
@@ -15,25 +12,10 @@ from tripcast.config import Settings
 from tripcast.registry import CHAMPION, Registry, decide
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
-SERVER = "postgresql://postgres@127.0.0.1:5432"
 
 
-@pytest.fixture
-def postgres_uri() -> Iterator[str]:
-    name = f"tripcast_test_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(f"{SERVER}/postgres", isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.OperationalError as exc:
-        pytest.fail(f"the production-profile test needs PostgreSQL on 127.0.0.1:5432 ({exc.orig})")
-    yield f"{SERVER}/{name}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-def test_train_and_register_on_postgres(settings: Settings, postgres_uri: str) -> None:
+def test_train_and_register_on_postgres(settings: Settings, postgres_database) -> None:
+    postgres_uri = postgres_database()
     prod = settings.with_overrides(tracking_uri=postgres_uri)
     months = {m: training.read_month_data("green", m, prod)
               for m in ("2021-01", "2021-02")}

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,46 +18,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
-from helpers import free_port
 
 from tripcast import training
 from tripcast.config import Settings
 from tripcast.registry import CHALLENGER, CHAMPION, Registry, decide
+from tripcast.rehearsal import ApiProcess as Server
+from tripcast.rehearsal import free_port
 from tripcast.store import connect, predictions
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-admin-token"
 COURSE_RIDE = {"PULocationID": 10, "DOLocationID": 50, "trip_distance": 40}
 
-
-
-class Server:
-    """``tripcast serve`` in a subprocess, with its own environment."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "tripcast", "serve", "--port", str(self.port)],
-                                        env=os.environ | env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not become ready:\n{self.process.stdout.read().decode()[-3000:]}")
-
-    def stop(self) -> None:
-        self.process.terminate()  # uvicorn shuts down gracefully: the prediction log is flushed
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -332,11 +303,8 @@ class _Proxy:
 
 
 @pytest.mark.postgres
-def test_log_reaches_postgres_after_an_outage(world: dict) -> None:
-    name = f"tripcast_log_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine("postgresql://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+def test_log_reaches_postgres_after_an_outage(world: dict, postgres_database) -> None:
+    name = postgres_database().rsplit("/", 1)[1]
     proxy = _Proxy(free_port())
     proxied = f"postgresql://postgres@127.0.0.1:{proxy.port}/{name}"
     srv = Server(world["env"] | {"TRIPCAST_MONITORING_URI": proxied})  # the store is down from the start
@@ -359,9 +327,6 @@ def test_log_reaches_postgres_after_an_outage(world: dict) -> None:
     finally:
         srv.stop()
         proxy.stop()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def test_openapi_fuzz_finds_no_server_error(server: Server) -> None:

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from helpers import free_port
 
 from tripcast import training
 from tripcast.config import Settings
 from tripcast.registry import CHAMPION, Registry, decide
+from tripcast.rehearsal import free_port
 from tripcast.serving.holder import ModelHolder
 from tripcast.streaming import StreamConsumer, StreamNames
 

@@ -8,6 +8,8 @@ see), promote or reject, and record the decision in the monitoring store and on 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,6 +31,8 @@ from tripcast.monitoring.windows import (
 )
 from tripcast.registry import CHAMPION, Registry
 from tripcast.store import connect
+
+log = logging.getLogger(__name__)
 
 
 def _parse(value: str | datetime | None) -> datetime | None:
@@ -69,18 +73,23 @@ def monitor_flow(window: str | None = None, since: str | None = None, until: str
 def automate_flow_step(fired: list[dict], settings: Settings) -> dict[str, Any]:
     """The policy's answer to a batch of alerts: a skipped decision, or a retrain."""
     engine = connect(settings.resolved_monitoring_uri)
-    plan = policy.plan_retrain(engine, fired, settings)
-    logger = get_run_logger()
+    champion = Registry(settings).current(CHAMPION)
+    # Alerts about a version that no longer serves say nothing about the champion.
+    current = [a for a in fired if a["model_version"] == champion]
+    plan = policy.plan_retrain(engine, current or fired, settings)
+    if not current:
+        plan = dataclasses.replace(plan, go=False, reason=f"the alerts concern version(s) "
+                                   f"{', '.join(sorted({a['model_version'] for a in fired}))}, not the champion "
+                                   f"(version {champion})")
     if not plan.go:
-        logger.info("no retrain: %s", plan.reason)
-        return _public(policy.record(engine, plan, "skipped", plan.reason,
-                                     champion_version=Registry(settings).current(CHAMPION)))
+        log.info("no retrain: %s", plan.reason)
+        return _public(policy.record(engine, plan, "skipped", plan.reason, champion_version=champion))
     try:
         return retrain_flow(plan.trigger, plan.event_time.isoformat(), plan.train_start.isoformat(),
                             plan.train_end.isoformat(), plan.eval_start.isoformat(), plan.eval_end.isoformat())
     except Exception as exc:  # a failed retrain is a decision too: recorded, and the champion stays
         return _public(policy.record(engine, plan, "failed", f"retrain failed: {type(exc).__name__}: {exc}",
-                                     champion_version=Registry(settings).current(CHAMPION)))
+                                     champion_version=champion))
 
 
 @task(cache_policy=NONE)
