@@ -56,7 +56,7 @@ def prefect_server() -> Iterator[str]:
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def postgres_database() -> Iterator[Callable[[], str]]:
     """Make fresh databases on the local PostgreSQL (dropped after the test); returns their URLs."""
     import sqlalchemy as sa
