@@ -11,11 +11,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import free_port
 
 from tripcast.config import Settings
 from tripcast.data import tlc
 from tripcast.errors import CorruptFileError, DataError, MissingMonthError, SourceUnavailableError
+from tripcast.rehearsal import free_port
 
 MONTHS_BY_YEAR = ["2021-01", "2022-01", "2023-01", "2023-02", "2023-03", "2024-01"]
 
