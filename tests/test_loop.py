@@ -112,6 +112,7 @@ def test_dashboard_renders_in_headless_chromium(promoted, tmp_path: Path) -> Non
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.fail("the dashboard test needs Chromium: apt-get install chromium (.ci/run installs it)")
+    env = env | {"TRIPCAST_ADMIN_TOKEN": "dashboard-test"}
     api = ApiProcess(env)
     try:
         data = httpx.get(f"{api.url}/dashboard/data", timeout=30).json()
@@ -124,6 +125,11 @@ def test_dashboard_renders_in_headless_chromium(promoted, tmp_path: Path) -> Non
                              text=True, timeout=120).stdout
         metrics = httpx.get(f"{api.url}/metrics", timeout=10).text
         report = httpx.get(f"{api.url}/dashboard/reports/{data['windows'][-1]['report']}", timeout=30)
+        label = {"labels": [{"ride_id": "never-served", "duration": 9.5}]}
+        anonymous = httpx.post(f"{api.url}/feedback", json=label, timeout=10)
+        token = {"Authorization": f"Bearer {env['TRIPCAST_ADMIN_TOKEN']}"}
+        feedback = httpx.post(f"{api.url}/feedback", json=label, headers=token, timeout=10)
+        bad = httpx.post(f"{api.url}/feedback", json={"labels": [{"ride_id": "x", "duration": -3}]}, headers=token)
     finally:
         api.stop()
     assert shot.stat().st_size > 50_000  # a picture, not a blank page
@@ -136,6 +142,10 @@ def test_dashboard_renders_in_headless_chromium(promoted, tmp_path: Path) -> Non
     assert {d["action"] for d in data["decisions"]} >= {"skipped", "promoted"} and data["alerts"]
     assert "promoted" in dom and "Evidently report" in dom
     assert report.status_code == 200 and "PULocationID" in report.text and "Drift" in report.text
+    # Feedback needs the token; unknown rides are reported (and kept); a negative duration is a 422.
+    assert anonymous.status_code == 401 and feedback.status_code == 200 and bad.status_code == 422
+    assert feedback.json() == {"stored": 1, "unknown": 1, "unknown_ride_ids": ["never-served"]}
+    assert bad.json()["detail"][0]["loc"][-1] == "duration"
     # The newest window's figures are on /metrics for Prometheus.
     assert re.search(r'tripcast_monitoring\{metric="drift_share",version="\d+"\}', metrics)
     if SAVE_SCREENSHOT:  # how docs/dashboard.png is made

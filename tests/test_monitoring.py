@@ -91,6 +91,9 @@ def test_real_months_2021_02_is_quiet_and_2023_03_drifts(world: dict, tmp_path: 
     drifted = windows_between("week", datetime(2023, 3, 6), datetime(2023, 3, 27))
     measured = {w: figures(compute_window(engine, world["registry"], w, settings)) for w in quiet + drifted}
 
+    assert "rows_vs_expected" not in measured[quiet[0]]  # nothing to compare the first window with
+    second, first = measured[quiet[1]], measured[quiet[0]]
+    assert second["rows_vs_expected"] == pytest.approx(second["rows"] / first["rows"])
     for window in quiet:  # four full weeks of February 2021: no drift
         assert measured[window]["drift_share"] < settings.drift_share
         assert measured[window]["od_drift"] < settings.od_drift_threshold

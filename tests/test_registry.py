@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
 from tripcast import training
@@ -51,7 +52,13 @@ def test_registry_model_predicts_exactly_what_training_predicted(settings: Setti
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "plots")}
     assert artifacts == {"plots/residuals.png", "plots/predicted_vs_actual.png"}
     reference = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path=training.REFERENCE_ARTIFACT)
-    assert len(__import__("pandas").read_parquet(reference)) == len(rides)
+    # Monitoring's reference: every validation ride a client could send (any duration), with its prediction.
+    reference = pd.read_parquet(reference)
+    inputs = months["2021-02"].inputs
+    assert len(reference) == len(inputs) > len(rides) and reference["prediction"].notna().all()
+    in_range = reference[reference["duration"].between(settings.min_duration, settings.max_duration)]
+    assert len(in_range) == len(rides)
+    assert np.allclose(np.sort(in_range["prediction"].to_numpy()), np.sort(result.val_predictions))
 
 
 def test_flow_promotes_then_refuses_a_worse_challenger_and_rolls_back(settings: Settings, prefect_server: str) -> None:

@@ -220,15 +220,28 @@ def measure(frame: pd.DataFrame, reference: Reference, settings: Settings,
     return [(m, v, t, None if t is None or v is None else bool(v >= t)) for m, v, t, _ in out]
 
 
+def expected_rows(engine: Engine, window: Window, history: int = 4) -> float | None:
+    """The usual traffic: the median of the rides of the ``history`` windows before this one."""
+    m = window_metrics.c
+    with engine.connect() as conn:
+        totals = conn.execute(select(func.sum(m.value)).where(
+            m.kind == window.kind, m.metric == "rows", m.window_start < window.start)
+            .group_by(m.window_start).order_by(m.window_start.desc()).limit(history)).scalars().all()
+    return float(np.median(totals)) if totals else None
+
+
 def compute_window(engine: Engine, registry: Registry, window: Window, settings: Settings) -> list[dict]:
     """Measure a window for every model version that served in it, replacing earlier figures."""
     frame = logged_rides(engine, window.start, window.end)
     computed_at = datetime.now(UTC).replace(tzinfo=None)
+    expected = expected_rows(engine, window)
     rows: list[dict] = []
     for version, part in frame.groupby("model_version", sort=True):
         reference = load_reference(registry, str(version), settings)
         report = settings.home / "reports" / f"{window.kind}-{window.start:%Y-%m-%d}-v{version}.html"
         measured = measure(part, reference, settings, report)
+        if expected:  # traffic of the whole window against the usual
+            measured.append(("rows_vs_expected", len(frame) / expected, None, None))
         has_report = any(m == "drift_share" for m, *_ in measured)
         rows += [{"kind": window.kind, "window_start": window.start, "window_end": window.end,
                   "model_version": str(version), "metric": metric, "value": value, "threshold": threshold,
