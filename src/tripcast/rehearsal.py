@@ -33,7 +33,7 @@ from tripcast.monitoring import dashboard
 from tripcast.monitoring.windows import Window, windows_between
 from tripcast.registry import CHAMPION, Registry
 from tripcast.serving.schemas import MAX_DISTANCE
-from tripcast.store import connect
+from tripcast.store import shared
 
 REQUEST_COLUMNS = ["PULocationID", "DOLocationID", "trip_distance", "ride_id", "pickup_datetime"]
 
@@ -235,7 +235,7 @@ def run_loop(options: LoopOptions, settings: Settings, progress=None) -> LoopRes
     finally:
         if server is not None:
             server.stop()
-    result.timeline = dashboard.data(connect(settings.resolved_monitoring_uri), settings.window)
+    result.timeline = dashboard.data(shared(settings.resolved_monitoring_uri), settings.window)
     result.seconds = time.perf_counter() - started
     return result
 

@@ -6,6 +6,7 @@ window metrics, alerts and automation decisions beside them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from sqlalchemy import (
@@ -127,6 +128,12 @@ def connect(url: str, create: bool = True) -> Engine:
     if create:
         metadata.create_all(engine)
     return engine
+
+
+@functools.cache
+def shared(url: str) -> Engine:
+    """One engine, so one connection pool, per store and process (flows and tasks call this many times)."""
+    return connect(url)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

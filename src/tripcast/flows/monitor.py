@@ -30,7 +30,7 @@ from tripcast.monitoring.windows import (
     windows_between,
 )
 from tripcast.registry import CHAMPION, Registry
-from tripcast.store import connect
+from tripcast.store import shared
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def _parse(value: str | datetime | None) -> datetime | None:
 
 @task(cache_policy=NONE)
 def measure_window(window: Window, settings: Settings) -> list[dict]:
-    return compute_window(connect(settings.resolved_monitoring_uri), Registry(settings), window, settings)
+    return compute_window(shared(settings.resolved_monitoring_uri), Registry(settings), window, settings)
 
 
 @flow(name="monitor")
@@ -51,7 +51,7 @@ def monitor_flow(window: str | None = None, since: str | None = None, until: str
     alerts, and apply the automation policy to them."""
     settings = load_settings()
     kind = window or settings.window
-    engine = connect(settings.resolved_monitoring_uri)
+    engine = shared(settings.resolved_monitoring_uri)
     span = logged_span(engine)
     if span is None:
         return {"windows": [], "alerts": [], "decision": None, "note": "the prediction log is empty"}
@@ -72,7 +72,7 @@ def monitor_flow(window: str | None = None, since: str | None = None, until: str
 
 def automate_flow_step(fired: list[dict], settings: Settings) -> dict[str, Any]:
     """The policy's answer to a batch of alerts: a skipped decision, or a retrain."""
-    engine = connect(settings.resolved_monitoring_uri)
+    engine = shared(settings.resolved_monitoring_uri)
     champion = Registry(settings).current(CHAMPION)
     # Alerts about a version that no longer serves say nothing about the champion.
     current = [a for a in fired if a["model_version"] == champion]
@@ -94,7 +94,7 @@ def automate_flow_step(fired: list[dict], settings: Settings) -> dict[str, Any]:
 
 @task(cache_policy=NONE)
 def labelled(start: datetime, end: datetime, settings: Settings) -> training.MonthData:
-    rides = labelled_training_rides(connect(settings.resolved_monitoring_uri), start, end)
+    rides = labelled_training_rides(shared(settings.resolved_monitoring_uri), start, end)
     store = make_url(settings.resolved_monitoring_uri).render_as_string(hide_password=True)
     source = f"{store} (predictions joined to labels)"
     return training.prepare_period(rides, start, end, source, settings)
@@ -107,7 +107,7 @@ def retrain_flow(trigger: str, event_time: str, train_start: str, train_end: str
     challenger, promote or reject it, and record why."""
     settings = load_settings()
     model = model or settings.retrain_model
-    engine = connect(settings.resolved_monitoring_uri)
+    engine = shared(settings.resolved_monitoring_uri)
     times = [datetime.fromisoformat(t) for t in (event_time, train_start, train_end, eval_start, eval_end)]
     train_data = labelled(times[1], times[2], settings)
     eval_data = labelled(times[3], times[4], settings)

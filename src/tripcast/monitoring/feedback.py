@@ -7,7 +7,7 @@ from tripcast import features as feats
 from tripcast.batch import scorable_month
 from tripcast.config import Settings
 from tripcast.data import tlc
-from tripcast.store import connect, record_labels
+from tripcast.store import record_labels, shared
 
 
 def month_labels(color: str, month: str | tlc.Month, settings: Settings) -> list[dict]:
@@ -18,7 +18,7 @@ def month_labels(color: str, month: str | tlc.Month, settings: Settings) -> list
 
 def join_month(color: str, month: str | tlc.Month, settings: Settings) -> dict:
     """Store a month's actual durations as labels; returns counts, matched and unknown."""
-    result = record_labels(connect(settings.resolved_monitoring_uri), month_labels(color, month, settings),
+    result = record_labels(shared(settings.resolved_monitoring_uri), month_labels(color, month, settings),
                            "month")
     return {"stored": result["stored"], "matched": result["stored"] - len(result["unknown"]),
             "unknown": len(result["unknown"])}

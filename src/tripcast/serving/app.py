@@ -29,7 +29,7 @@ from tripcast.serving.holder import AliasWatcher, LoadedModel, ModelHolder
 from tripcast.serving.predlog import PredictionLog
 from tripcast.serving.schemas import Label, Ride, log_record, ride_columns
 from tripcast.serving.traffic import CHALLENGER_ARM, CHAMPION_ARM, TrafficPolicy
-from tripcast.store import connect, record_labels
+from tripcast.store import record_labels, shared
 
 
 class ModelRef(BaseModel):
@@ -122,12 +122,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             settings.log_batch_size, settings.log_flush_seconds,
                             shadow=shadow_scores if policy.shadow else None)
     watcher = AliasWatcher(holders, settings.poll_seconds)
-    store: list = []  # the monitoring store's engine, made on first use (the store may be down at start)
-
     def store_engine():
-        if not store:
-            store.append(connect(settings.resolved_monitoring_uri))
-        return store[0]
+        # Made on first use, not at start: the store may be down then (a failed attempt is not cached).
+        return shared(settings.resolved_monitoring_uri)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
