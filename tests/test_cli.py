@@ -36,6 +36,11 @@ def test_help_lists_the_commands() -> None:
     (["train", "--model", "xgb", "--train-month", "2021-01", "--val-month", "2021-02"], "unknown model 'xgb'"),
     (["models", "rollback"], "no previous champion"),
     (["models", "describe", "7"], "no version 7"),
+    (["monitor", "--window", "month"], "window 'month': choose day or week"),
+    (["monitor", "--since", "yesterday"], "--since 'yesterday' is not an ISO date"),
+    (["feedback", "--month", "2021-05"], "no green file for 2021-05"),
+    (["loop", "--sample", "2"], "sample must be in (0, 1]"),
+    (["data", "drift", "green", "2021-02", "--kind", "bogus", "--out", "drifted"], "unknown drift 'bogus'"),
 ])
 def test_bad_input_is_one_clear_line(settings: Settings, args: list[str], message: str) -> None:
     result = run(args)

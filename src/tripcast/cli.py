@@ -232,11 +232,13 @@ def monitor(
     verbose: Verbose = False,
 ) -> None:
     """Measure windows of logged predictions (drift, quality, accuracy), fire alerts, apply the policy."""
-    _settings(verbose)
+    settings = _settings(verbose)
     from datetime import datetime
 
     from tripcast.flows.monitor import monitor_flow
+    from tripcast.monitoring.windows import window_of
 
+    window_of(window or settings.window, datetime.now())  # an unknown window length fails here, in one line
     for name, value in (("since", since), ("until", until)):
         if value is not None:
             try:
@@ -266,7 +268,7 @@ def feedback(
 
     result = join_month(color, month, settings)
     out.print(f"{color} {month}: {result['stored']:,} labels stored, {result['matched']:,} match a logged "
-              f"prediction, {result['unknown']:,} do not (yet)", highlight=False)
+              f"prediction, {result['unknown']:,} do not (yet)", highlight=False, soft_wrap=True)
 
 
 @app.command()

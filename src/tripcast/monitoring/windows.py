@@ -22,7 +22,7 @@ from scipy.spatial.distance import jensenshannon
 from sqlalchemy import String, and_, func, select, type_coerce
 from sqlalchemy.engine import Engine
 
-from tripcast.config import Settings
+from tripcast.config import ConfigError, Settings
 from tripcast.features import NEW_YORK, TARGET
 from tripcast.metrics import regression_metrics
 from tripcast.registry import Registry
@@ -52,7 +52,7 @@ class Window:
 def window_of(kind: str, moment: datetime) -> Window:
     """The window holding ``moment``: days from midnight, weeks from Monday midnight (ISO weeks)."""
     if kind not in LENGTHS:
-        raise ValueError(f"window {kind!r}: choose {' or '.join(LENGTHS)}")
+        raise ConfigError(f"window {kind!r}: choose {' or '.join(LENGTHS)}")
     start = datetime(moment.year, moment.month, moment.day)
     if kind == "week":
         start -= timedelta(days=start.weekday())
