@@ -100,13 +100,16 @@ def test_tuning_logs_each_trial_as_a_nested_run(settings: Settings, prefect_serv
     assert parent.data.params["tuning_trials_done"] == "3"
 
 
-def test_monthly_deployment_registers_with_its_schedule(settings: Settings, prefect_server: str) -> None:
+def test_deployments_register_with_their_schedules(settings: Settings, prefect_server: str) -> None:
     from prefect import get_client
 
+    from tripcast.flows.monitor import monitor_deployment
     from tripcast.flows.train import deployment
 
-    deployment_id = deployment("0 6 5 * *", "lightgbm", "green").apply()
+    retrain_id = deployment("0 6 5 * *", "lightgbm", "green").apply()
+    monitor_id = monitor_deployment("15 * * * *").apply()
     with get_client(sync_client=True) as client:
-        stored = client.read_deployment(deployment_id)
-    assert stored.name == "monthly-retrain" and stored.parameters == {"color": "green", "model": "lightgbm"}
-    assert [s.schedule.cron for s in stored.schedules] == ["0 6 5 * *"]
+        retrain, monitor = client.read_deployment(retrain_id), client.read_deployment(monitor_id)
+    assert retrain.name == "monthly-retrain" and retrain.parameters == {"color": "green", "model": "lightgbm"}
+    assert [s.schedule.cron for s in retrain.schedules] == ["0 6 5 * *"]
+    assert monitor.name == "monitor" and [s.schedule.cron for s in monitor.schedules] == ["15 * * * *"]
