@@ -203,3 +203,30 @@ def test_mirror_copy_is_atomic_on_failure(settings: Settings, tlc_mirror: Path, 
     with pytest.raises(OSError, match="disk full"):
         tlc.fetch("green", "2021-01", settings)
     assert _leftovers(settings) == []
+
+
+@pytest.mark.parametrize("kind", ["slower-traffic", "longer-distances", "zone-shift"])
+def test_injected_drift_keeps_the_tlc_schema_and_changes_what_it_says(settings: Settings, tmp_path: Path,
+                                                                      kind: str) -> None:
+    import pyarrow.parquet as pq
+
+    from tripcast.data.drift import inject
+
+    path = inject("green", "2021-02", kind, settings, tmp_path / "mirror")
+    original = tlc.fetch("green", "2021-02", settings)
+    assert pq.read_schema(path) == pq.read_schema(original) and path.name == original.name
+    drifted = tlc.read_month("green", "2021-02", settings.with_overrides(tlc_mirror=str(path.parent),
+                                                                         home=tmp_path / "other"))
+    before = tlc.read_month("green", "2021-02", settings)
+    duration = (drifted["dropoff_datetime"] - drifted["pickup_datetime"]) / (
+        before["dropoff_datetime"] - before["pickup_datetime"])
+    moved = (drifted["PULocationID"] != before["PULocationID"]).mean()
+    if kind == "slower-traffic":
+        assert duration.median() == pytest.approx(1.5) and moved == 0
+        assert drifted["trip_distance"].equals(before["trip_distance"])
+    elif kind == "longer-distances":
+        assert duration.median() == pytest.approx(1.6) and moved == 0
+        assert (drifted["trip_distance"] / before["trip_distance"]).median() == pytest.approx(1.6)
+    else:  # the 20 busiest pickup zones swapped with quiet ones: most rides move, durations do not
+        assert moved > 0.4 and duration.median() == 1.0
+        assert drifted["pickup_datetime"].equals(before["pickup_datetime"])

@@ -197,7 +197,9 @@ def quickstart(verbose: Verbose = False) -> None:
               f"  mlflow ui --backend-store-uri {uri}\n"
               "  tripcast models list\n"
               f"  MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{settings.model_name}@champion "
-              "--env-manager local -p 5001", highlight=False, soft_wrap=True)
+              "--env-manager local -p 5001\n"
+              "  tripcast loop --drift slower-traffic --drift-from 2021-03   # rehearse drift -> retrain -> promote\n"
+              "  tripcast serve   # then http://127.0.0.1:8000/dashboard", highlight=False, soft_wrap=True)
 
 
 @app.command()
