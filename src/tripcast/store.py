@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 from sqlalchemy import (
     Boolean,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    select,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -162,10 +164,6 @@ def record_labels(engine: Engine, rows: list[dict], source: str) -> dict:
     """Store labels (ride_id plus actual_duration or dropoff_datetime), replacing earlier ones for the same
     rides. Returns how many were stored and which ride_ids have no logged prediction (yet): those are kept,
     and join their prediction if it is logged later."""
-    from datetime import UTC, datetime
-
-    from sqlalchemy import select
-
     now = datetime.now(UTC).replace(tzinfo=None)
     rows = [{"ride_id": r["ride_id"], "actual_duration": r.get("actual_duration"),
              "dropoff_datetime": r.get("dropoff_datetime"), "received_at": now, "source": source} for r in rows]
