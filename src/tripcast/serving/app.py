@@ -122,9 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             settings.log_batch_size, settings.log_flush_seconds,
                             shadow=shadow_scores if policy.shadow else None)
     watcher = AliasWatcher(holders, settings.poll_seconds)
-    def store_engine():
-        # Made on first use, not at start: the store may be down then (a failed attempt is not cached).
-        return shared(settings.resolved_monitoring_uri)
+    # The store's engine is made on first use (in a worker thread), not at start: the store may be down then.
+    store_url = settings.resolved_monitoring_uri
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -234,7 +233,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.logs_written.set(predlog.written)
         metrics.store_up.set(1 if predlog.store_up else 0)
         try:
-            latest = await run_in_threadpool(dashboard.latest, store_engine(), settings.window)
+            latest = await run_in_threadpool(lambda: dashboard.latest(shared(store_url), settings.window))
         except SQLAlchemyError:
             latest = []
         metrics.monitoring.clear()
@@ -275,8 +274,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Actual durations (or drop-off times) of served rides, matched to logged predictions by ride_id.
         Labels for ride_ids with no logged prediction (yet) are kept and reported as ``unknown``."""
         try:
-            result = await run_in_threadpool(record_labels, store_engine(), [lab.row() for lab in batch.labels],
-                                             "api")
+            rows = [lab.row() for lab in batch.labels]
+            result = await run_in_threadpool(lambda: record_labels(shared(store_url), rows, "api"))
         except SQLAlchemyError as exc:
             raise HTTPException(503, f"monitoring store unavailable, labels not stored: retry "
                                      f"({type(exc).__name__})") from None
@@ -293,7 +292,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     async def monitoring_data() -> dict:
         try:
-            return await run_in_threadpool(dashboard.data, store_engine(), settings.window)
+            return await run_in_threadpool(lambda: dashboard.data(shared(store_url), settings.window))
         except SQLAlchemyError as exc:
             raise HTTPException(503, f"monitoring store unavailable ({type(exc).__name__})") from None
 
