@@ -40,6 +40,7 @@ def test_help_lists_the_commands() -> None:
     (["monitor", "--since", "yesterday"], "--since 'yesterday' is not an ISO date"),
     (["feedback", "--month", "2021-05"], "no green file for 2021-05"),
     (["loop", "--sample", "2"], "sample must be in (0, 1]"),
+    (["loop", "--api-url", "http://127.0.0.1:9"], "set TRIPCAST_ADMIN_TOKEN"),
     (["data", "drift", "green", "2021-02", "--kind", "bogus", "--out", "drifted"], "unknown drift 'bogus'"),
 ])
 def test_bad_input_is_one_clear_line(settings: Settings, args: list[str], message: str) -> None:

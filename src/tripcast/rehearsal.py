@@ -187,6 +187,9 @@ def run_loop(options: LoopOptions, settings: Settings, progress=None) -> LoopRes
     tlc.check_color(options.color)
     if not 0 < options.sample <= 1:
         raise TripcastError(f"sample must be in (0, 1], got {options.sample}")
+    if options.api_url and not settings.admin_token:
+        raise TripcastError("a running API (--api-url) takes labels on /feedback with its admin token: set "
+                            "TRIPCAST_ADMIN_TOKEN to the API's token")
     result = LoopResult(kind=settings.window)
     rides = replay_rides(options, settings)
     result.bootstrap = _bootstrap(options, settings)
