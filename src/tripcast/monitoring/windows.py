@@ -23,7 +23,7 @@ from sqlalchemy import String, and_, func, select, type_coerce
 from sqlalchemy.engine import Engine
 
 from tripcast.config import ConfigError, Settings
-from tripcast.features import NEW_YORK, TARGET
+from tripcast.features import TARGET
 from tripcast.metrics import regression_metrics
 from tripcast.registry import Registry
 from tripcast.store import labels, predictions, upsert, window_metrics
@@ -260,9 +260,3 @@ def logged_span(engine: Engine) -> tuple[datetime, datetime] | None:
                                           func.max(predictions.c.pickup_datetime))).one()
     return None if first is None else (first, last)
 
-
-def now_local() -> datetime:
-    """Now as the log records pickups: naive New York time."""
-    from zoneinfo import ZoneInfo
-
-    return datetime.now(ZoneInfo(NEW_YORK)).replace(tzinfo=None)
