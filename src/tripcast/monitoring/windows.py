@@ -259,4 +259,3 @@ def logged_span(engine: Engine) -> tuple[datetime, datetime] | None:
         first, last = conn.execute(select(func.min(predictions.c.pickup_datetime),
                                           func.max(predictions.c.pickup_datetime))).one()
     return None if first is None else (first, last)
-
