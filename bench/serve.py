@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from tripcast.rehearsal import free_port
 
 HERE = Path(__file__).resolve().parent
 RIDE_LUA = """
@@ -48,12 +49,6 @@ TRIPCAST_BODY = ('string.format(\'{"PULocationID": %d, "DOLocationID": %d, "trip
                  '"ride_id": "r%d"}\', z[1], z[2], z[3], counter)')
 MLFLOW_BODY = ('string.format(\'{"dataframe_records": [{"PULocationID": %d, "DOLocationID": %d, '
                '"trip_distance": %.1f}]}\', z[1], z[2], z[3])')
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(cmd: list[str], env: dict, probe: str, timeout: float = 120) -> subprocess.Popen:

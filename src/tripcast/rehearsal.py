@@ -30,9 +30,9 @@ from tripcast.data import tlc
 from tripcast.data.drift import inject
 from tripcast.errors import TripcastError
 from tripcast.monitoring import dashboard
-from tripcast.monitoring.windows import Window, windows_between
+from tripcast.monitoring.windows import LENGTHS, Window, windows_between
 from tripcast.registry import CHAMPION, Registry
-from tripcast.serving.schemas import MAX_DISTANCE
+from tripcast.serving.schemas import MAX_DISTANCE, MAX_LABEL_MINUTES
 from tripcast.store import shared
 
 REQUEST_COLUMNS = ["PULocationID", "DOLocationID", "trip_distance", "ride_id", "pickup_datetime"]
@@ -159,7 +159,7 @@ class _Api:
         return failed, versions
 
     def feedback(self, rides: pd.DataFrame, batch_size: int = 5_000) -> int:
-        labelled = rides[(rides["actual"] > 0) & (rides["actual"] <= 24 * 60)]
+        labelled = rides[(rides["actual"] > 0) & (rides["actual"] <= MAX_LABEL_MINUTES)]  # what /feedback takes
         labels = [{"ride_id": r, "duration": float(d)} for r, d in zip(labelled["ride_id"], labelled["actual"],
                                                                           strict=True)]
         for i in range(0, len(labels), batch_size):
@@ -258,7 +258,7 @@ def timeline_rows(result: LoopResult) -> list[dict]:
     for window, versions in result.served.items():
         start = window.split()[-1]
         figures = max(by_window.get(start, [{}]), key=lambda r: r.get("rows") or 0)
-        end = (pd.Timestamp(start) + pd.Timedelta(days=7 if result.kind == "week" else 1)).strftime("%Y-%m-%d")
+        end = f"{pd.Timestamp(start) + LENGTHS[result.kind]:%Y-%m-%d}"
         rows.append({"window": start, "rides": sum(versions.values()),
                      "served": ", ".join(f"v{v}" for v in sorted(versions, key=int)),
                      "drift_share": figures.get("drift_share"), "prediction_drift": figures.get("prediction_drift"),

@@ -160,6 +160,11 @@ def upsert(conn: Connection, table: Table, rows: Iterable[dict], keys: list[str]
     return len(rows)
 
 
+def jsonable(row, leave_out: tuple[str, ...] = ()) -> dict:
+    """A row (mapping) with its datetimes as ISO 8601 text, for JSON: spool files, webhooks, API answers."""
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items() if k not in leave_out}
+
+
 def record_labels(engine: Engine, rows: list[dict], source: str) -> dict:
     """Store labels (ride_id plus actual_duration or dropoff_datetime), replacing earlier ones for the same
     rides. Returns how many were stored and which ride_ids have no logged prediction (yet): those are kept,

@@ -56,8 +56,8 @@ def monitor_flow(window: str | None = None, since: str | None = None, until: str
     if span is None:
         return {"windows": [], "alerts": [], "decision": None, "note": "the prediction log is empty"}
     until_t = _parse(until) or span[1] + timedelta(microseconds=1)
-    since_t = _parse(since) or max(span[0], window_of(kind, until_t).start - 3 * (
-        window_of(kind, until_t).end - window_of(kind, until_t).start))
+    last = window_of(kind, until_t)
+    since_t = _parse(since) or max(span[0], last.start - 3 * (last.end - last.start))
     windows = windows_between(kind, since_t, until_t)
     measured = {str(w): measure_window(w, settings) for w in windows}
     fired = alerts.evaluate_rules(engine, windows, settings)
@@ -83,13 +83,13 @@ def automate_flow_step(fired: list[dict], settings: Settings) -> dict[str, Any]:
                                    f"(version {champion})")
     if not plan.go:
         log.info("no retrain: %s", plan.reason)
-        return _public(policy.record(engine, plan, "skipped", plan.reason, champion_version=champion))
+        return policy.record(engine, plan, "skipped", plan.reason, champion_version=champion)
     try:
         return retrain_flow(plan.trigger, plan.event_time.isoformat(), plan.train_start.isoformat(),
                             plan.train_end.isoformat(), plan.eval_start.isoformat(), plan.eval_end.isoformat())
     except Exception as exc:  # a failed retrain is a decision too: recorded, and the champion stays
-        return _public(policy.record(engine, plan, "failed", f"retrain failed: {type(exc).__name__}: {exc}",
-                                     champion_version=champion))
+        return policy.record(engine, plan, "failed", f"retrain failed: {type(exc).__name__}: {exc}",
+                                     champion_version=champion)
 
 
 @task(cache_policy=NONE)
@@ -121,18 +121,14 @@ def retrain_flow(trigger: str, event_time: str, train_start: str, train_end: str
     outcome = register(result, champion, settings, True, min_rows=settings.promotion_min_rows, tags=tags)
     get_run_logger().info("challenger %s %s: %s", outcome["version"],
                           "promoted" if outcome["promoted"] else "rejected", outcome["reason"])
-    return _public(policy.record(
+    return policy.record(
         engine, plan, "promoted" if outcome["promoted"] else "rejected", outcome["reason"],
         champion_version=champion["version"] if champion else None, challenger_version=outcome["version"],
         champion_rmse=champion["rmse"] if champion else None, challenger_rmse=outcome["challenger_rmse"],
-        baseline_rmse=outcome["baseline_rmse"], data={"run_id": result.run_id, "model": model}))
+        baseline_rmse=outcome["baseline_rmse"], data={"run_id": result.run_id, "model": model})
 
 
 def monitor_deployment(cron: str, name: str = "monitor"):
     """Monitoring (with the automation policy) on a cron schedule: the last windows of the prediction log."""
     return monitor_flow.to_deployment(name=name, cron=cron,
                                       description="Measure recent windows, fire alerts, retrain when a rule fires.")
-
-
-def _public(row: dict) -> dict[str, Any]:
-    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items() if k != "data"}

@@ -18,7 +18,7 @@ from tenacity import RetryError, retry, stop_after_attempt, wait_exponential
 
 from tripcast.config import Settings
 from tripcast.monitoring.windows import Window
-from tripcast.store import alerts, window_metrics
+from tripcast.store import alerts, jsonable, window_metrics
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,7 @@ def _alert(rule: Rule, row, settings: Settings) -> dict:
 
 def deliver(alert: dict, url: str, attempts: int) -> dict:
     """POST the alert as JSON, retried with back-off; returns the delivery outcome to store with it."""
-    payload = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in alert.items()
-               if k not in ("delivered", "attempts", "delivery_error")}
+    payload = jsonable(alert, leave_out=("delivered", "attempts", "delivery_error"))
     tries = 0
 
     @retry(stop=stop_after_attempt(max(1, attempts)), wait=wait_exponential(multiplier=0.2, max=2))

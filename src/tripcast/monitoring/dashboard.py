@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import json
-from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -18,14 +17,10 @@ from plotly.subplots import make_subplots
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from tripcast.store import alerts, decisions, window_metrics
+from tripcast.store import alerts, decisions, jsonable, window_metrics
 
 PLOTLY_JS = Path(go.__file__).resolve().parents[1] / "package_data" / "plotly.min.js"
 LATEST_METRICS = ("drift_share", "prediction_drift", "od_drift", "rmse", "rmse_ratio", "rows", "labelled_rows")
-
-
-def _iso(value):
-    return value.isoformat() if isinstance(value, datetime) else value
 
 
 def data(engine: Engine, kind: str) -> dict:
@@ -44,11 +39,11 @@ def data(engine: Engine, kind: str) -> dict:
         reports = metrics.dropna(subset=["report"]).drop_duplicates(keys).set_index(keys)["report"]
         wide["report"] = [reports.get(tuple(k)) for k in wide[keys].itertuples(index=False)]
         wide = wide.astype(object).where(wide.notna(), None)
-        windows = [{k: _iso(v) for k, v in row.items()} for row in wide.to_dict("records")]
+        windows = [jsonable(row) for row in wide.to_dict("records")]
         thresholds = (metrics.dropna(subset=["threshold"]).groupby("metric")["threshold"].last().to_dict())
     return {"kind": kind, "windows": windows, "thresholds": thresholds,
-            "alerts": [{k: _iso(v) for k, v in a.items()} for a in fired],
-            "decisions": [{k: _iso(v) for k, v in d.items() if k != "data"} for d in decided]}
+            "alerts": [jsonable(a) for a in fired],
+            "decisions": [jsonable(d, leave_out=("data",)) for d in decided]}
 
 
 def figure(content: dict) -> go.Figure:

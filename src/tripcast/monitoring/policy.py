@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 
 from tripcast.config import Settings
 from tripcast.monitoring.windows import Window, window_of
-from tripcast.store import decisions, labels, predictions, window_metrics
+from tripcast.store import decisions, jsonable, labels, predictions, window_metrics
 
 RETRAINED = ("promoted", "rejected")
 
@@ -106,13 +106,14 @@ def plan_retrain(engine: Engine, fired: list[dict], settings: Settings) -> Retra
 
 
 def record(engine: Engine, plan: RetrainPlan, action: str, reason: str, **details) -> dict:
-    """Store a decision (skipped, promoted, rejected, failed) with its reason and the data it used."""
-    data = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in asdict(plan).items()
-            if k.startswith(("train_", "eval_"))} | details.pop("data", {})
+    """Store a decision (skipped, promoted, rejected, failed) with its reason and the data it used; returns
+    it as JSON-ready fields."""
+    periods = {k: v for k, v in asdict(plan).items() if k.startswith(("train_", "eval_"))}
+    data = jsonable(periods) | details.pop("data", {})
     row = {"created_at": datetime.now(UTC).replace(tzinfo=None), "trigger": plan.trigger,
            "event_time": plan.event_time, "action": action, "reason": reason,
            "train_rows": plan.train_rows or None, "eval_rows": plan.eval_rows or None,
            "data": json.dumps(data)} | details
     with engine.begin() as conn:
         conn.execute(decisions.insert(), [row])
-    return row
+    return jsonable(row, leave_out=("data",))

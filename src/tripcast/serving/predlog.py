@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
-from tripcast.store import connect, predictions
+from tripcast.store import connect, jsonable, predictions
 
 log = logging.getLogger(__name__)
 ShadowScorer = Callable[[list[dict]], tuple[list[float], str] | None]
@@ -136,7 +136,7 @@ class PredictionLog:
                 record["shadow_prediction"], record["shadow_version"] = float(value), version
 
     def _append_spool(self, batch: list[dict]) -> None:
-        lines = "".join(json.dumps(_jsonable(r)) + "\n" for r in batch)
+        lines = "".join(json.dumps(jsonable(r)) + "\n" for r in batch)
         with self._locked(), self.spool.open("a") as handle:
             handle.write(lines)
             handle.flush()
@@ -189,7 +189,3 @@ def _plain(value, sqlite: bool):
     if isinstance(value, datetime):
         return value.isoformat(sep=" ", timespec="microseconds") if sqlite else value.replace(tzinfo=None)
     return value.item() if hasattr(value, "item") else value
-
-
-def _jsonable(record: dict) -> dict:
-    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in record.items()}

@@ -11,6 +11,7 @@ from tripcast.features import ZONE_MAX, ZONE_MIN, local_naive
 
 FIRST_PICKUP_YEAR, LAST_PICKUP_YEAR = 2009, 2100  # TLC records start in 2009; beyond 2262 pandas overflows
 MAX_DISTANCE = 200.0  # miles; a longer "ride" is a meter error, not a request we can answer
+MAX_LABEL_MINUTES = 24 * 60  # an actual duration beyond a day is a meter error, not ground truth
 ZoneID = Annotated[int, Field(strict=True, ge=ZONE_MIN, le=ZONE_MAX, description="TLC taxi zone, 1..265")]
 
 
@@ -41,7 +42,8 @@ class Label(BaseModel):
         "examples": [{"ride_id": "green-2021-02-17", "duration": 12.5}]})
 
     ride_id: str = Field(min_length=1, max_length=128)
-    duration: float | None = Field(None, strict=True, gt=0, le=24 * 60, allow_inf_nan=False, description="minutes")
+    duration: float | None = Field(None, strict=True, gt=0, le=MAX_LABEL_MINUTES, allow_inf_nan=False,
+                                   description="minutes")
     dropoff_datetime: datetime | None = Field(None, description="ISO 8601; naive means New York time")
 
     @model_validator(mode="after")
