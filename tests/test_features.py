@@ -86,3 +86,15 @@ def test_unparseable_pickup_time_is_named() -> None:
                           "pickup_datetime": ["2021-02-01T08:30:00", "yesterday-ish"]})
     with pytest.raises(DataError, match="yesterday-ish"):
         feats.Preprocessor().transform(rides)
+
+
+def test_one_ride_gets_the_features_a_batch_gets() -> None:
+    """``Preprocessor.one`` (the online API's path, plain Python) agrees with the vectorised ``features``."""
+    pre = feats.Preprocessor()
+    times = pd.date_range("2021-03-13 22:00", "2021-03-15 02:00", freq="37min")  # across a DST change and days
+    n = len(times)
+    pu, do, distance = np.arange(n) % 265 + 1, (np.arange(n) * 7) % 265 + 1, np.linspace(0, 30, n)
+    batch = pre.features(pu, do, distance, times.to_numpy())
+    for i, when in enumerate(times):
+        one = pre.one(int(pu[i]), int(do[i]), float(distance[i]), when.to_pydatetime())
+        assert one == {name: column[i].item() for name, column in batch.items()}, when

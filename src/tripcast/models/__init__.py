@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,15 @@ class TripDurationPipeline:
 
     def predict_features(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
         return np.asarray(self.estimator.predict(features), dtype=np.float64)
+
+    def predict_one(self, pu: int, do: int, distance: float, pickup: datetime) -> float:
+        """One ride (pickup in naive New York time): the figure ``predict`` gives it, without building arrays
+        when the family has a single-row path."""
+        features = self.preprocessor.one(pu, do, distance, pickup)
+        single = getattr(self.estimator, "predict_one", None)
+        if single is not None:
+            return float(single(features))
+        return float(self.predict_features({k: np.array([v]) for k, v in features.items()})[0])
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
