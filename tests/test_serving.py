@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import socketserver
@@ -124,6 +125,7 @@ def test_the_course_request_works_unchanged(server: Server) -> None:
     ({**COURSE_RIDE, "pickup_datetime": "yesterday"}, "pickup_datetime"),
     ({**COURSE_RIDE, "pickup_datetime": "0422-05-27T01:07:31+17:21"}, "pickup_datetime"),  # found by the fuzz
     ({**COURSE_RIDE, "pickup_datetime": "6269-02-14T17:44:35Z"}, "pickup_datetime"),
+    ({**COURSE_RIDE, "ride_id": "a\x00b"}, "ride_id"),  # PostgreSQL cannot store it
     ({**COURSE_RIDE, "surge": 2}, "surge"),
     ({"PULocationID": 10, "DOLocationID": 50}, "trip_distance"),
 ])
@@ -150,6 +152,44 @@ def test_batch_limits(world: dict, server: Server) -> None:
     too_many = {"rides": [COURSE_RIDE] * (world["settings"].batch_limit + 1)}
     response = httpx.post(f"{server.url}/predict/batch", json=too_many, timeout=30)
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "rides"]
+
+
+@pytest.mark.parametrize(("label", "field"), [
+    ({"ride_id": "x", "duration": 0}, "duration"),
+    ({"ride_id": "x", "duration": float("inf")}, "duration"),
+    ({"ride_id": "x", "dropoff_datetime": "0001-01-01T00:01:00+00:00"}, "dropoff_datetime"),  # found by the fuzz
+    ({"ride_id": "x", "dropoff_datetime": "9999-12-31T23:59:59"}, "dropoff_datetime"),
+    ({"ride_id": "", "duration": 3}, "ride_id"),
+    ({"ride_id": "a\x00b", "duration": 3}, "ride_id"),
+])
+def test_bad_labels_are_a_422_naming_the_field(server: Server, label: dict, field: str) -> None:
+    response = httpx.post(f"{server.url}/feedback", content=json.dumps({"labels": [label]}),
+                          headers={"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"})
+    assert response.status_code == 422
+    assert field in [loc for error in response.json()["detail"] for loc in error["loc"]]
+
+
+def test_without_a_model_predictions_are_503_naming_the_alias(world: dict) -> None:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tripcast", "serve", "--port", str(port)],
+                               env=os.environ | world["env"] | {"TRIPCAST_SERVE_ALIAS": "nobody"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert httpx.get(f"{url}/ready").status_code == 503
+        for path, body in (("/predict", COURSE_RIDE), ("/predict/batch", {"rides": [COURSE_RIDE]})):
+            response = httpx.post(f"{url}{path}", json=body)
+            assert response.status_code == 503 and "'nobody'" in response.json()["detail"], path
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def test_admin_needs_the_token(server: Server) -> None:
@@ -327,6 +367,21 @@ def test_log_reaches_postgres_after_an_outage(world: dict, postgres_database) ->
     finally:
         srv.stop()
         proxy.stop()
+
+
+def test_openapi_documents_the_bodies_the_routes_validate(world: dict, server: Server) -> None:
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for path, name in (("/predict", "Ride"), ("/predict/batch", "RideBatch")):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{name}"}
+    assert set(components["Ride"]["properties"]) == {"PULocationID", "DOLocationID", "trip_distance", "ride_id",
+                                                     "pickup_datetime"}
+    assert components["Ride"]["required"] == ["PULocationID", "DOLocationID", "trip_distance"]
+    assert components["Ride"]["additionalProperties"] is False
+    rides = components["RideBatch"]["properties"]["rides"]
+    assert rides["items"] == {"$ref": "#/components/schemas/Ride"}
+    assert (rides["minItems"], rides["maxItems"]) == (1, world["settings"].batch_limit)
 
 
 def test_openapi_fuzz_finds_no_server_error(server: Server) -> None:

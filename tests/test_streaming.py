@@ -12,14 +12,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import redis
+import sqlalchemy as sa
 
 from tripcast import training
 from tripcast.config import Settings
 from tripcast.registry import CHAMPION, Registry, decide
 from tripcast.rehearsal import free_port
 from tripcast.serving.holder import ModelHolder
+from tripcast.serving.predlog import PredictionLog
+from tripcast.store import connect, predictions
 from tripcast.streaming import StreamConsumer, StreamNames
 
 pytestmark = pytest.mark.slow
@@ -68,8 +72,10 @@ def _drain(consumer: StreamConsumer, expected: int, timeout: float = 10) -> None
         handled += consumer.step()
 
 
-def test_events_in_predictions_out_malformed_to_dead_letter(client, names, served) -> None:
-    consumer = StreamConsumer(client, served["holder"], names, block_ms=100)
+def test_events_in_predictions_out_malformed_to_dead_letter(client, names, served, settings: Settings) -> None:
+    predlog = PredictionLog(settings.resolved_monitoring_uri, settings.spool_dir, flush_seconds=0.05)
+    predlog.start()
+    consumer = StreamConsumer(client, served["holder"], names, block_ms=100, predlog=predlog)
     consumer.ensure_group()
     ids = [client.xadd(names.input, event) for event in _events(served["rides"])]
     bad = {client.xadd(names.input, {"ride": "{not json"}): "ride",
@@ -87,6 +93,13 @@ def test_events_in_predictions_out_malformed_to_dead_letter(client, names, serve
     assert dead.keys() == bad.keys()
     assert all(field in dead[event] for event, field in bad.items())
     assert client.xpending(names.input, names.group)["pending"] == 0
+
+    predlog.stop()  # every published prediction is in the log, once, as the stream's
+    with connect(settings.resolved_monitoring_uri).connect() as conn:
+        logged = pd.read_sql(sa.select(predictions).order_by(predictions.c.id), conn)
+    assert logged["ride_id"].tolist() == [f["ride_id"] for _, f in out] and set(logged["source"]) == {"stream"}
+    np.testing.assert_array_equal(logged["prediction"], expected)
+    assert (logged["pickup_datetime"] == served["rides"]["pickup_datetime"].to_numpy()).all()
 
 
 def test_pending_events_are_redelivered_after_a_consumer_crash(client, names, served) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from itertools import chain
 
+import numpy as np
 from sqlalchemy import (
     Boolean,
     Column,
@@ -158,6 +160,46 @@ def upsert(conn: Connection, table: Table, rows: Iterable[dict], keys: list[str]
         updates = {c: statement.excluded[c] for c in part[0] if c not in keys}
         conn.execute(statement.on_conflict_do_update(index_elements=keys, set_=updates))
     return len(rows)
+
+
+# A prediction-log row is a tuple in this order (the table without its id); times as ``log_time`` text.
+PREDICTION_COLUMNS = tuple(c.name for c in predictions.columns if c.name != "id")
+
+
+def log_time(value: datetime | None = None) -> str:
+    """A naive time (default: now, UTC) as the text SQLAlchemy itself stores on SQLite; PostgreSQL casts it on
+    insert."""
+    value = value or datetime.now(UTC).replace(tzinfo=None)
+    return value.isoformat(sep=" ", timespec="microseconds")
+
+
+def log_times(values: np.ndarray) -> list[str]:
+    """``log_time`` for an array of datetime64, vectorised: numpy's ISO text with a space for its 'T'."""
+    text = values.astype("datetime64[us]").astype("S26")
+    text.view(np.uint8).reshape(-1, 26)[:, 10] = ord(" ")
+    return text.astype("U26").tolist()
+
+
+def insert_predictions(conn: Connection, rows: list[tuple]) -> None:
+    """Insert prediction-log rows through the driver, in a thread that shares the GIL with requests.
+
+    PostgreSQL: COPY (psycopg formats rows in C; 10,000 rows cost ~20 ms of CPU where multi-row INSERTs cost
+    ~320 and executemany ~100). SQLite: multi-row VALUES statements of a hundred rows, one release of the GIL
+    each, where executemany would take one per row and SQLAlchemy's insert would convert every value in Python.
+    """
+    columns = ", ".join(f'"{c}"' for c in PREDICTION_COLUMNS)
+    if conn.dialect.name == "postgresql":
+        with conn.connection.driver_connection.cursor() as cursor, \
+                cursor.copy(f"COPY predictions ({columns}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        return
+    group = f"({', '.join(['?'] * len(PREDICTION_COLUMNS))})"
+    chunk = 100  # rows per statement: binding them holds the GIL (~0.2 ms), and the request path waits for it
+    for i in range(0, len(rows), chunk):
+        part = rows[i:i + chunk]
+        conn.exec_driver_sql(f"INSERT INTO predictions ({columns}) VALUES " + ", ".join([group] * len(part)),
+                             tuple(chain.from_iterable(part)))
 
 
 def jsonable(row, leave_out: tuple[str, ...] = ()) -> dict:

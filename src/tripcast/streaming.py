@@ -14,7 +14,6 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import redis
 from pydantic import ValidationError
@@ -23,7 +22,9 @@ from tripcast.errors import RegistryError
 from tripcast.registry import Registry
 from tripcast.serving.holder import AliasWatcher, ModelHolder
 from tripcast.serving.predlog import PredictionLog
-from tripcast.serving.schemas import Ride, log_record, ride_columns
+from tripcast.serving.schemas import RIDE
+from tripcast.serving.scoring import Scorer
+from tripcast.serving.traffic import TrafficPolicy
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class StreamConsumer:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
         self.predlog = predlog
+        self.scorer = Scorer(holder, None, TrafficPolicy("champion", 0.0), "stream")
         self.published = self.dead = self.reconnects = 0
 
     def ensure_group(self) -> None:
@@ -83,13 +85,12 @@ class StreamConsumer:
         return len(entries)
 
     def process(self, entries: list[tuple[str, dict]]) -> None:
-        model = self.holder.current
-        if model is None:
+        if self.holder.current is None:
             raise RuntimeError(f"no model behind alias {self.holder.alias!r}")  # leave events pending
         rides, ids, dead = [], [], []
         for event_id, fields in entries:
             try:
-                rides.append(Ride.model_validate_json(fields.get("ride", "")))
+                rides.append(RIDE.validate_json(fields.get("ride", "")))
                 ids.append(event_id)
             except ValidationError as exc:
                 errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'ride'}: {e['msg']}" for e in exc.errors())
@@ -97,23 +98,18 @@ class StreamConsumer:
         pipe = self.redis.pipeline(transaction=True)
         for event_id, fields, error in dead:
             pipe.xadd(self.names.dead_letter, {"event_id": event_id, "ride": fields.get("ride", ""), "error": error})
-        if rides:
-            columns, ride_ids, pickups = ride_columns(rides)
-            durations = model.pipeline.predict_features(model.pipeline.preprocessor.features(*columns))
-            for event_id, ride_id, duration in zip(ids, ride_ids, durations, strict=True):
-                pipe.xadd(self.names.output, {"event_id": event_id, "ride_id": ride_id,
-                                              "duration": repr(float(duration)), "model_version": model.version})
+        results, rows = self.scorer.many(rides) if rides else ([], [])
+        for event_id, result in zip(ids, results, strict=True):
+            pipe.xadd(self.names.output, {"event_id": event_id, "ride_id": result["ride_id"],
+                                          "duration": repr(result["duration"]),
+                                          "model_version": result["model"]["version"]})
         # Publish and acknowledge in one MULTI/EXEC: an event is acknowledged only with its output.
         pipe.xack(self.names.input, self.names.group, *[e for e, _ in entries])
         pipe.execute()
         self.published += len(rides)
         self.dead += len(dead)
-        if self.predlog is not None and rides:
-            now = datetime.now(UTC).replace(tzinfo=None)
-            self.predlog.put([log_record(ride, ride_id, pickup, float(duration), model.version, "champion", "stream",
-                                         now)
-                              for ride, ride_id, pickup, duration in zip(rides, ride_ids, pickups, durations,
-                                                                         strict=True)])
+        if self.predlog is not None and rows:
+            self.predlog.put(rows)
 
 
 def run_consumer(settings, redis_url: str, names: StreamNames, stop: threading.Event | None = None) -> None:

@@ -10,6 +10,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -31,6 +32,11 @@ class LoadedModel:
     loaded_at: str
     pipeline: TripDurationPipeline = field(repr=False)
     metrics: dict[str, float] = field(default_factory=dict)
+
+    @cached_property
+    def ref(self) -> dict[str, str]:
+        """What answered, as the API reports it with every prediction."""
+        return {"name": self.name, "version": self.version, "alias": self.alias}
 
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "alias": self.alias, "run_id": self.run_id,
@@ -71,9 +77,13 @@ class ModelHolder:
 
     def _load(self, version: str) -> LoadedModel:
         mv, pipeline = self.registry.load_pipeline(version)
-        warm = pipeline.predict(WARM_RIDES)  # first call pays lazy initialisation, not a user's request
-        if not np.isfinite(warm).all():
-            raise ValueError(f"version {version} predicts non-finite durations")
+        # The first calls pay lazy initialisation (both paths), not a user's request.
+        warm = pipeline.predict(WARM_RIDES)
+        first = WARM_RIDES.iloc[0]
+        warm_one = pipeline.predict_one(int(first.PULocationID), int(first.DOLocationID), float(first.trip_distance),
+                                        datetime.fromisoformat(first.pickup_datetime))
+        if not (np.isfinite(warm).all() and warm_one == warm[0]):
+            raise ValueError(f"version {version} predicts non-finite durations, or one ride differently alone")
         run = self.registry.client.get_run(mv.run_id) if mv.run_id else None
         metrics = {k: round(v, 4) for k, v in (run.data.metrics if run else {}).items()
                    if k in ("val_rmse", "val_mae", "val_r2", "baseline_val_rmse")}

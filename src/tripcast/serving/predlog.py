@@ -1,11 +1,16 @@
 """The prediction log: every prediction goes to the monitoring store, in the background, in batches.
 
-Writing never blocks or fails a request: ``put`` only appends to a bounded queue. A writer thread drains it;
-when the store is down, batches are appended to a local spool file (JSON lines) and replayed, in one
-transaction, once the store answers again. There is one spool per store (named by a hash of its URL), so a
-spool is only ever replayed into the store it was meant for, and appends and replays hold an exclusive file
-lock, so several worker processes can share it. A record is only ever lost when the queue is full, and then it is
-counted (``dropped``). Shadow predictions are computed here too, per batch, off the response path.
+Writing never blocks or fails a request: ``put`` only appends a request's rows (tuples in
+``store.PREDICTION_COLUMNS`` order) to a bounded in-memory list. A writer thread wakes every
+``flush_seconds``, takes everything queued and inserts it; when the store is down, the rows are appended to
+a local spool file (JSON lines) and replayed, in one transaction, once the store answers again. There is one
+spool per store (named by a hash of its URL), so a spool is only ever replayed into the store it was meant
+for, and appends and replays hold an exclusive file lock, so several worker processes can share it. A row is
+only ever lost when the queue is full, and then it is counted (``dropped``). Shadow predictions are computed
+here too, per batch, off the response path.
+
+The writer wakes on a timer rather than on every ``put``: waking it per request would hand the GIL to it per
+request, which costs the request path more than the writing does.
 """
 
 from __future__ import annotations
@@ -14,19 +19,19 @@ import fcntl
 import hashlib
 import json
 import logging
-import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from itertools import chain
 from pathlib import Path
 
-from tripcast.store import connect, jsonable, predictions
+from tripcast.store import PREDICTION_COLUMNS, connect, insert_predictions, log_time
 
 log = logging.getLogger(__name__)
-ShadowScorer = Callable[[list[dict]], tuple[list[float], str] | None]
-_DATETIME_FIELDS = ("logged_at", "pickup_datetime")
+# Rows in, (shadow predictions, shadow version) out, or None when there is no model to shadow with.
+ShadowScorer = Callable[[list[tuple]], tuple[list[float], str] | None]
+_SHADOW = PREDICTION_COLUMNS.index("shadow_prediction")
 
 
 class PredictionLog:
@@ -40,11 +45,10 @@ class PredictionLog:
         self.batch_size = batch_size
         self.flush_seconds = flush_seconds
         self.shadow = shadow
-        # Items are lists of records (one per request); the bound counts records, not items.
-        self.queue_size = queue_size
-        self._queue: queue.SimpleQueue[list[dict]] = queue.SimpleQueue()
+        self.queue_size = queue_size  # in rows
+        self._pending: list[list[tuple]] = []
         self._queued = 0
-        self._count_lock = threading.Lock()
+        self._lock = threading.Lock()
         self._engine = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
@@ -55,14 +59,14 @@ class PredictionLog:
         self.last_error: str | None = None
 
     # --- request side --------------------------------------------------------------------------------
-    def put(self, records: list[dict]) -> None:
-        """Queue a request's records; never blocks. Past the bound the records are dropped and counted."""
-        with self._count_lock:
-            if self._queued + len(records) > self.queue_size:
-                self.dropped += len(records)
+    def put(self, rows: list[tuple]) -> None:
+        """Queue a request's rows; never blocks. Past the bound the rows are dropped and counted."""
+        with self._lock:
+            if self._queued + len(rows) > self.queue_size:
+                self.dropped += len(rows)
                 return
-            self._queued += len(records)
-        self._queue.put(records)
+            self._queued += len(rows)
+            self._pending.append(rows)
 
     @property
     def depth(self) -> int:
@@ -79,68 +83,68 @@ class PredictionLog:
 
     def _run(self) -> None:
         while True:
-            batch = self._take()
-            if batch:
-                self._write(batch)
-            elif self.spool.exists():
-                self._write([])  # nothing new: still try to replay the spool
-            if self._stop.is_set() and self._queue.empty():
+            stopping = self._stop.wait(self.flush_seconds)
+            with self._lock:
+                taken, self._pending = self._pending, []
+            rows = list(chain.from_iterable(taken))
+            if rows and self.shadow is not None:
+                rows = self._add_shadow(rows)
+            chunks = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+            if not chunks and self.spool.exists():
+                chunks = [[]]  # nothing new: still try to replay the spool
+            down = False
+            for k, chunk in enumerate(chunks):
+                if not self._write(chunk):  # the store is down: spool the rest too, without knocking again
+                    rest = list(chain.from_iterable(chunks[k + 1:]))
+                    if rest:
+                        self._append_spool(rest)
+                    down = True
+                    break
+            with self._lock:
+                self._queued -= len(rows)
+            if stopping:
                 return
+            if down:
+                self._stop.wait(min(5.0, self.flush_seconds * 4))  # back off while the store is down
 
-    def _take(self) -> list[dict]:
-        """Up to batch_size records, waiting at most flush_seconds after the first: few, large commits."""
-        batch: list[dict] = []
-        try:
-            batch.extend(self._queue.get(timeout=self.flush_seconds))
-            deadline = time.monotonic() + self.flush_seconds
-            while len(batch) < self.batch_size and not self._stop.is_set():
-                batch.extend(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-        except queue.Empty:
-            pass
-        with self._count_lock:
-            self._queued -= len(batch)
-        return batch
-
-    def _write(self, batch: list[dict]) -> None:
-        if batch and self.shadow is not None:
-            self._add_shadow(batch)
+    def _write(self, rows: list[tuple]) -> bool:
+        """Rows (and any spool) into the store in one transaction; if that fails, rows into the spool."""
         try:
             if self._engine is None:
                 self._engine = connect(self.url)
             with self._locked():
                 pending = self._read_spool()
                 with self._engine.begin() as conn:
-                    for records in (pending, batch):
-                        if records:
-                            _insert(conn, records)
+                    insert_predictions(conn, pending + rows)
                 if pending:
                     self.spool.unlink()
-                    log.info("prediction log: replayed %d spooled records", len(pending))
-            self.written += len(pending) + len(batch)
+                    log.info("prediction log: replayed %d spooled rows", len(pending))
+            self.written += len(pending) + len(rows)
             self.store_up, self.last_error = True, None
-        except Exception as exc:  # store down (SQLAlchemyError, OSError) or anything else: never lose the batch
+            return True
+        except Exception as exc:  # store down (SQLAlchemyError, OSError) or anything else: never lose the rows
             self.store_up, self.last_error = False, f"{type(exc).__name__}: {exc}"[:300]
-            if batch:
-                self._append_spool(batch)
-            self._stop.wait(min(5.0, self.flush_seconds * 4))  # back off while the store is down
+            if rows:
+                self._append_spool(rows)
+            return False
 
-    def _add_shadow(self, batch: list[dict]) -> None:
+    def _add_shadow(self, rows: list[tuple]) -> list[tuple]:
         try:
-            scored = self.shadow(batch)
+            scored = self.shadow(rows)
         except Exception as exc:  # a broken challenger must not cost us the log
             log.warning("shadow scoring failed: %s", exc)
-            return
-        if scored is not None:
-            values, version = scored
-            for record, value in zip(batch, values, strict=True):
-                record["shadow_prediction"], record["shadow_version"] = float(value), version
+            return rows
+        if scored is None:
+            return rows
+        values, version = scored
+        return [(*row[:_SHADOW], float(value), version) for row, value in zip(rows, values, strict=True)]
 
-    def _append_spool(self, batch: list[dict]) -> None:
-        lines = "".join(json.dumps(jsonable(r)) + "\n" for r in batch)
+    def _append_spool(self, rows: list[tuple]) -> None:
+        lines = "".join(json.dumps(row) + "\n" for row in rows)
         with self._locked(), self.spool.open("a") as handle:
             handle.write(lines)
             handle.flush()
-        self.spooled += len(batch)
+        self.spooled += len(rows)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -151,41 +155,27 @@ class PredictionLog:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _read_spool(self) -> list[dict]:
+    def _read_spool(self) -> list[tuple]:
         if not self.spool.exists():
             return []
-        records = []
+        rows = []
         with self.spool.open() as handle:
             for line in handle:
                 if line.strip():
                     try:
-                        record = json.loads(line)
+                        row = json.loads(line)
                     except ValueError:  # a line torn by a crash mid-write: count it, keep the rest
                         self.dropped += 1
                         continue
-                    for key in _DATETIME_FIELDS:
-                        if record.get(key):
-                            record[key] = datetime.fromisoformat(record[key])
-                    records.append(record)
-        return records
+                    rows.append(_spooled_row(row))
+        return rows
 
 
-_COLUMNS = [c.name for c in predictions.columns if c.name != "id"]
-
-
-def _insert(conn, records: list[dict]) -> None:
-    """Bulk insert through the driver (SQLAlchemy's per-row parameter processing would cost more than the
-    database here, in a thread that shares the GIL with the request path)."""
-    marker = "?" if conn.dialect.paramstyle == "qmark" else "%s"
-    sqlite = conn.dialect.name == "sqlite"
-    columns = ", ".join(f'"{c}"' for c in _COLUMNS)
-    sql = f"INSERT INTO predictions ({columns}) VALUES ({', '.join([marker] * len(_COLUMNS))})"
-    conn.exec_driver_sql(sql, [tuple(_plain(r.get(c), sqlite) for c in _COLUMNS) for r in records])
-
-
-def _plain(value, sqlite: bool):
-    """Values the drivers bind natively: on SQLite, datetimes as the text SQLAlchemy itself stores there;
-    numpy scalars as Python numbers."""
-    if isinstance(value, datetime):
-        return value.isoformat(sep=" ", timespec="microseconds") if sqlite else value.replace(tzinfo=None)
-    return value.item() if hasattr(value, "item") else value
+def _spooled_row(row: list | dict) -> tuple:
+    """A spooled row; spools written by tripcast 0.1 hold one JSON object per row, with ISO 8601 times."""
+    if isinstance(row, list):
+        return tuple(row)
+    for key in ("logged_at", "pickup_datetime"):
+        if row.get(key):
+            row[key] = log_time(datetime.fromisoformat(row[key]))
+    return tuple(row.get(c) for c in PREDICTION_COLUMNS)

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
+
 CHAMPION_ARM, CHALLENGER_ARM = "champion", "challenger"
+
+
+def _digest(ride_id: str) -> bytes:
+    return hashlib.blake2b(ride_id.encode(), digest_size=8).digest()
 
 
 def bucket(ride_id: str) -> float:
     """A stable number in [0, 1) per ride_id: the same ride always lands in the same arm."""
-    digest = hashlib.blake2b(ride_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+    return int.from_bytes(_digest(ride_id), "big") / 2**64
+
+
+def buckets(ride_ids: list[str]) -> np.ndarray:
+    """``bucket`` of many ride_ids at once (the same figures: both round the same 64-bit integer)."""
+    return np.frombuffer(b"".join([_digest(i) for i in ride_ids]), dtype=">u8") / 2.0**64
 
 
 class TrafficPolicy:
@@ -26,6 +36,12 @@ class TrafficPolicy:
         if self.mode == "ab" and challenger_ready and bucket(ride_id) < self.challenger_weight:
             return CHALLENGER_ARM
         return CHAMPION_ARM
+
+    def arms(self, ride_ids: list[str], challenger_ready: bool) -> np.ndarray:
+        """``arm`` of many rides at once."""
+        if self.mode == "ab" and challenger_ready:
+            return np.where(buckets(ride_ids) < self.challenger_weight, CHALLENGER_ARM, CHAMPION_ARM)
+        return np.full(len(ride_ids), CHAMPION_ARM)
 
     @property
     def shadow(self) -> bool:

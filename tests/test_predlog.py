@@ -1,0 +1,143 @@
+"""The prediction log's rows, their insert into a real store, the writer's bound, and the traffic policy's
+vectorised arm (the API's batch path must send a ride where its single path sends it)."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from tripcast.serving.predlog import PredictionLog
+from tripcast.serving.schemas import RIDE, RideColumns
+from tripcast.serving.traffic import CHALLENGER_ARM, TrafficPolicy, bucket, buckets
+from tripcast.store import PREDICTION_COLUMNS, connect, insert_predictions, log_time, log_times, predictions
+
+PICKUPS = [datetime(2021, 3, 1), datetime(2021, 3, 14, 2, 30, 0, 1), datetime(2100, 12, 31, 23, 59, 59, 999999)]
+
+
+def _rows(prefix: str, n: int) -> list[tuple]:
+    return [(f"{prefix}-{i}", log_time(), log_time(PICKUPS[i % 3]), 1 + i % 265, 265 - i % 265, 0.5 * i, 10.0 + i,
+             "3", "champion", "api", None, None) for i in range(n)]
+
+
+def test_log_times_are_the_text_sqlalchemy_stores() -> None:
+    array = np.array(PICKUPS, dtype="datetime64[us]")
+    assert log_times(array) == [log_time(p) for p in PICKUPS] == [
+        "2021-03-01 00:00:00.000000", "2021-03-14 02:30:00.000001", "2100-12-31 23:59:59.999999"]
+
+
+def _round_trip(url: str) -> None:
+    engine = connect(url)
+    rows = _rows("trip", 1234)  # more than one statement's worth
+    odd_ids = ["back\\slash\\N", "quote\"'", "tab\tand\nnewline", "ünïcødé 🚕", "NULL", ""]
+    rows[:len(odd_ids)] = [(ride_id, *row[1:]) for ride_id, row in zip(odd_ids, rows, strict=False)]
+    with engine.begin() as conn:
+        insert_predictions(conn, rows)
+    with engine.connect() as conn:
+        stored = conn.execute(sa.select(*[predictions.c[c] for c in PREDICTION_COLUMNS])
+                              .order_by(predictions.c.id)).all()
+        # Window queries compare times in SQL: the stored text must order and match like SQLAlchemy's own.
+        in_march = conn.execute(sa.select(sa.func.count()).where(
+            predictions.c.pickup_datetime >= datetime(2021, 3, 1),
+            predictions.c.pickup_datetime < datetime(2021, 3, 14, 2, 30, 0, 1))).scalar_one()
+    engine.dispose()
+    assert len(stored) == len(rows) and in_march == 412
+    for row, back in zip(rows, stored, strict=True):
+        assert back.pickup_datetime == datetime.fromisoformat(row[2])
+        assert back.logged_at == datetime.fromisoformat(row[1])
+        assert back.ride_id == row[0] and tuple(back)[3:] == row[3:]
+
+
+def test_rows_round_trip_through_sqlite(tmp_path: Path) -> None:
+    _round_trip(f"sqlite:///{tmp_path / 'store.db'}")
+
+
+@pytest.mark.postgres
+def test_rows_round_trip_through_postgres(postgres_database) -> None:
+    _round_trip(postgres_database())
+
+
+def test_the_writer_flushes_in_the_background_and_counts_what_the_bound_refuses(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    log = PredictionLog(url, tmp_path / "spool", queue_size=1000, batch_size=300, flush_seconds=0.05)
+    log.put(_rows("first", 900))
+    log.put(_rows("refused", 200))  # 900 + 200 > 1000: refused whole, and counted
+    assert log.dropped == 200 and log.depth == 900
+    log.start()
+    deadline = time.monotonic() + 10
+    while log.written < 900 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    log.put(_rows("second", 100))
+    log.stop()  # flushes what is queued
+    with connect(url).connect() as conn:
+        ids = pd.read_sql(sa.select(predictions.c.ride_id), conn)["ride_id"]
+    assert log.written == 1000 and log.depth == 0 and log.store_up
+    assert ids.str.startswith("first").sum() == 900 and ids.str.startswith("second").sum() == 100
+    assert not ids.str.startswith("refused").any()
+
+
+def test_while_the_store_is_down_a_backlog_is_spooled_at_once_and_replayed_later(tmp_path: Path) -> None:
+    folder = tmp_path / "not-yet"  # SQLite cannot open a file in a folder that does not exist: the store is down
+    url = f"sqlite:///{folder / 'store.db'}"
+    log = PredictionLog(url, tmp_path / "spool", batch_size=100, flush_seconds=0.05)
+    log.put(_rows("backlog", 1000))
+    log.start()
+    deadline = time.monotonic() + 5
+    while log.spooled < 1000 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert log.spooled == 1000 and log.written == 0 and not log.store_up and log.depth == 0  # ten batches, one try
+    folder.mkdir()  # the store comes back
+    deadline = time.monotonic() + 10
+    while log.written < 1000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log.stop()
+    with connect(url).connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar_one() == 1000
+    assert log.store_up and not log.spool.exists() and log.dropped == 0
+
+
+def test_a_spool_left_by_tripcast_0_1_is_replayed(tmp_path: Path) -> None:
+    """Spools used to hold one JSON object per row with ISO 8601 times; an upgrade must not lose them."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    log = PredictionLog(url, tmp_path / "spool", flush_seconds=0.05)
+    old = {"ride_id": "old-1", "logged_at": "2026-11-20T10:00:00.500000", "pickup_datetime": "2021-03-01T08:15:00",
+           "PULocationID": 10, "DOLocationID": 50, "trip_distance": 4.2, "prediction": 17.5, "model_version": "2",
+           "arm": "champion", "source": "api"}
+    log.spool.write_text(json.dumps(old) + "\n" + json.dumps(list(_rows("new", 1)[0])) + "\n")
+    log.start()
+    log.stop()
+    with connect(url).connect() as conn:
+        rows = conn.execute(sa.select(predictions).order_by(predictions.c.id)).all()
+    assert [r.ride_id for r in rows] == ["old-1", "new-0"] and not log.spool.exists()
+    assert rows[0].pickup_datetime == datetime(2021, 3, 1, 8, 15) and rows[0].prediction == 17.5
+
+
+def test_batch_arms_are_the_single_arms() -> None:
+    ids = [f"ride-{i}" for i in range(5000)] + ["x", "ü-ride", "r" * 128]
+    assert buckets(ids).tolist() == [bucket(i) for i in ids]
+    policy = TrafficPolicy("ab", 0.3)
+    arms = policy.arms(ids, challenger_ready=True)
+    assert arms.tolist() == [policy.arm(i, True) for i in ids]
+    assert abs((arms == CHALLENGER_ARM).mean() - 0.3) < 3 * np.sqrt(0.3 * 0.7 / len(ids))
+    assert set(policy.arms(ids, challenger_ready=False)) == {"champion"}
+
+
+def test_ride_columns_take_pickups_as_new_york_time() -> None:
+    rides = [RIDE.validate_python(r) for r in (
+        {"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.5, "pickup_datetime": "2021-03-01T08:00:00"},
+        {"PULocationID": 3, "DOLocationID": 4, "trip_distance": 0, "pickup_datetime": "2021-03-01T13:00:00Z"},
+        {"PULocationID": 5, "DOLocationID": 6, "trip_distance": 2, "ride_id": "mine"})]
+    columns = RideColumns(rides)
+    assert columns.pickup[:2].tolist() == [datetime(2021, 3, 1, 8), datetime(2021, 3, 1, 8)]  # 13:00 UTC = 08:00
+    assert abs(pd.Timestamp(columns.pickup[2]) - pd.Timestamp.now(tz="America/New_York").tz_localize(None)) \
+        < timedelta(seconds=5)
+    assert columns.ride_ids[2] == "mine" and len(set(columns.ride_ids)) == 3 and len(columns.ride_ids[0]) == 32
+    rows = columns.log_rows(np.array([1.0, 2.0, 3.0]), ["1", "1", "2"], ["champion"] * 3, "api")
+    assert [dict(zip(PREDICTION_COLUMNS, r, strict=True))["pickup_datetime"] for r in rows[:2]] == [
+        "2021-03-01 08:00:00.000000"] * 2
