@@ -1,20 +1,22 @@
 """Reference endpoints for bench/serve.py, on the same stack as tripcast (FastAPI on uvicorn, async handlers):
 
 - ``hello``: returns a constant (the ceiling of the stack);
-- ``bare``: the same LightGBM model file, one row predicted per request, nothing else (no validation beyond a
-  dict, no logging, no metrics, no traffic policy): what the model alone costs on this stack.
+- ``bare``: the same registered model (its saved pipeline folder), one ride predicted per request through its
+  single-row path, nothing else (no validation beyond a dict, no logging, no metrics, no traffic policy):
+  what the model alone costs on this stack.
 """
 
 import os
 from datetime import datetime
+from pathlib import Path
 
-import lightgbm as lgb
-import numpy as np
 from fastapi import FastAPI
+
+from tripcast.models import TripDurationPipeline
 
 hello = FastAPI()
 bare = FastAPI()
-_booster = lgb.Booster(model_file=os.environ["BENCH_MODEL_FILE"]) if "BENCH_MODEL_FILE" in os.environ else None
+_pipeline = TripDurationPipeline.load(Path(os.environ["BENCH_MODEL_DIR"])) if "BENCH_MODEL_DIR" in os.environ else None
 
 
 @hello.post("/predict")
@@ -24,7 +26,5 @@ async def hello_predict(ride: dict) -> dict:
 
 @bare.post("/predict")
 async def bare_predict(ride: dict) -> dict:
-    now = datetime.now()
-    row = np.array([[ride["PULocationID"], ride["DOLocationID"], ride["trip_distance"], now.hour, now.weekday()]],
-                   dtype=np.float64)
-    return {"duration": float(_booster.predict(row, num_threads=1)[0])}
+    duration = _pipeline.predict_one(ride["PULocationID"], ride["DOLocationID"], ride["trip_distance"], datetime.now())
+    return {"duration": duration}
