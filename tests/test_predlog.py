@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
+from tripcast.serving import predlog
 from tripcast.serving.predlog import PredictionLog
 from tripcast.serving.schemas import RIDE, RideColumns
 from tripcast.serving.traffic import CHALLENGER_ARM, TrafficPolicy, bucket, buckets
@@ -100,6 +101,35 @@ def test_while_the_store_is_down_a_backlog_is_spooled_at_once_and_replayed_later
     with connect(url).connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar_one() == 1000
     assert log.store_up and not log.spool.exists() and log.dropped == 0
+
+
+def test_a_long_spool_is_replayed_in_bounded_transactions_and_resumes_after_a_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(predlog, "REPLAY_ROWS", 400)
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    spooled = _rows("spooled", 1000)
+    first = PredictionLog(url, tmp_path / "spool")
+    first._append_spool(spooled)
+    sizes = []
+    original = predlog.insert_predictions
+    monkeypatch.setattr(predlog, "insert_predictions", lambda conn, rows: (sizes.append(len(rows)),
+                                                                             original(conn, rows)))
+    assert first._write(_rows("live", 10))  # one write: 400 spooled rows and its own 10, then the process ends
+    assert first.spool.exists() and int(first._spool_offset.read_text()) > 0
+
+    second = PredictionLog(url, tmp_path / "spool")  # a restarted server resumes from the offset
+    assert second._write([]) and second._write([]) and second.spool.exists() is False
+    assert not second._spool_offset.exists() and sizes == [410, 400, 200]
+    with connect(url).connect() as conn:
+        ids = conn.execute(sa.select(predictions.c.ride_id).order_by(predictions.c.id)).scalars().all()
+    assert ids == [r[0] for r in spooled[:400]] + [f"live-{i}" for i in range(10)] + [r[0] for r in spooled[400:]]
+    # A new outage starts a new spool from its beginning, not from the last offset.
+    later = _rows("later", 3)
+    second._append_spool(later)
+    assert second._read_spool(100)[0] == later
+    # A spool holding only a line torn by a crash is counted once and removed, not re-read on every flush.
+    second.spool.write_text('["torn", "2026-11\n')
+    assert second._write([]) and second._write([]) and not second.spool.exists() and second.dropped == 1
 
 
 def test_a_spool_left_by_tripcast_0_1_is_replayed(tmp_path: Path) -> None:
