@@ -31,6 +31,11 @@ def local_naive(value: datetime | None, timezone: str = NEW_YORK) -> datetime:
     return value.astimezone(ZoneInfo(timezone)).replace(tzinfo=None) if value.tzinfo else value
 
 
+def zone_pair(pu: int | np.ndarray, do: int | np.ndarray) -> int | np.ndarray:
+    """One key per (pickup, drop-off) zone pair; works on ints and on int arrays alike."""
+    return pu * 1000 + do
+
+
 def duration_minutes(rides: pd.DataFrame) -> np.ndarray:
     """Duration in minutes from the canonical pickup and drop-off times."""
     delta = rides["dropoff_datetime"].to_numpy() - rides["pickup_datetime"].to_numpy()
@@ -122,7 +127,7 @@ class Preprocessor:
         return {
             "PULocationID": pu,
             "DOLocationID": do,
-            "zone_pair": pu * 1000 + do,
+            "zone_pair": zone_pair(pu, do),
             "trip_distance": distance.astype(np.float64, copy=False),
             "pickup_hour": ((minutes - days).astype(np.int64) // 60).astype(np.int32),
             "pickup_dow": ((days.astype(np.int64) + 3) % 7).astype(np.int32),  # 1970-01-01 was a Thursday
@@ -131,7 +136,7 @@ class Preprocessor:
     def one(self, pu: int, do: int, distance: float, pickup: datetime) -> dict[str, float]:
         """``features`` for a single ride, as Python numbers: numpy's per-call cost would exceed the
         arithmetic many times over (the online API's path). Tested to equal ``features`` exactly."""
-        return {"PULocationID": pu, "DOLocationID": do, "zone_pair": pu * 1000 + do, "trip_distance": distance,
+        return {"PULocationID": pu, "DOLocationID": do, "zone_pair": zone_pair(pu, do), "trip_distance": distance,
                 "pickup_hour": pickup.hour, "pickup_dow": pickup.weekday()}
 
     def _pickup_times(self, rides: pd.DataFrame) -> pd.Series:

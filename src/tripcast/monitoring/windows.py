@@ -23,7 +23,7 @@ from sqlalchemy import String, and_, func, select, type_coerce
 from sqlalchemy.engine import Engine
 
 from tripcast.config import ConfigError, Settings
-from tripcast.features import TARGET
+from tripcast.features import TARGET, zone_pair
 from tripcast.metrics import regression_metrics
 from tripcast.registry import Registry
 from tripcast.store import labels, predictions, upsert, window_metrics
@@ -200,8 +200,8 @@ def measure(frame: pd.DataFrame, reference: Reference, settings: Settings,
         out.append(("drift_share", values.pop("drift_share"), settings.drift_share, None))
         out.append(("prediction_drift", values.pop("prediction_drift"), settings.drift_threshold, None))
         out += [(name, value, settings.drift_threshold, None) for name, value in values.items()]
-        pairs = frame["PULocationID"].to_numpy(np.int64) * 1000 + frame["DOLocationID"].to_numpy(np.int64)
-        ref_pairs = ref["PULocationID"].to_numpy(np.int64) * 1000 + ref["DOLocationID"].to_numpy(np.int64)
+        pairs = zone_pair(frame["PULocationID"].to_numpy(np.int64), frame["DOLocationID"].to_numpy(np.int64))
+        ref_pairs = zone_pair(ref["PULocationID"].to_numpy(np.int64), ref["DOLocationID"].to_numpy(np.int64))
         out.append(("od_drift", od_drift(ref_pairs, pairs), settings.od_drift_threshold, None))
     # Accuracy on the rides the model is meant for, filtered like its validation rows (1-60 minutes).
     actual = frame["actual"]

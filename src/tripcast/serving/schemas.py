@@ -38,8 +38,8 @@ ZoneID = Annotated[int, Field(strict=True, ge=ZONE_MIN, le=ZONE_MAX, description
 Distance = Annotated[float, Field(strict=True, ge=0, le=MAX_DISTANCE, allow_inf_nan=False, description="miles")]
 # No control characters: PostgreSQL cannot store NUL, and a row the store refuses would block the log's spool.
 RideId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
-Pickup = Annotated[datetime | None, AfterValidator(_plausible_year),
-                   Field(description="ISO 8601; naive means New York time; default now")]
+PlausibleTime = Annotated[datetime | None, AfterValidator(_plausible_year)]
+Pickup = Annotated[PlausibleTime, Field(description="ISO 8601; naive means New York time; default now")]
 
 
 class Ride(TypedDict):
@@ -77,8 +77,7 @@ class Label(BaseModel):
     ride_id: RideId
     duration: float | None = Field(None, strict=True, gt=0, le=MAX_LABEL_MINUTES, allow_inf_nan=False,
                                    description="minutes")
-    dropoff_datetime: Annotated[datetime | None, AfterValidator(_plausible_year)] = Field(
-        None, description="ISO 8601; naive means New York time")
+    dropoff_datetime: PlausibleTime = Field(None, description="ISO 8601; naive means New York time")
 
     @model_validator(mode="after")
     def one_of(self) -> "Label":
