@@ -39,7 +39,7 @@ REPLAY_ROWS = 20_000
 
 
 class PredictionLog:
-    def __init__(self, url: str, spool_dir: Path, queue_size: int = 100_000, batch_size: int = 1_000,
+    def __init__(self, url: str, spool_dir: Path, queue_size: int = 100_000, batch_size: int = 20_000,
                  flush_seconds: float = 0.5, shadow: ShadowScorer | None = None) -> None:
         self.url = url
         spool_dir.mkdir(parents=True, exist_ok=True)
