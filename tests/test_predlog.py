@@ -130,6 +130,10 @@ def test_a_long_spool_is_replayed_in_bounded_transactions_and_resumes_after_a_re
     # A spool holding only a line torn by a crash is counted once and removed, not re-read on every flush.
     second.spool.write_text('["torn", "2026-11\n')
     assert second._write([]) and second._write([]) and not second.spool.exists() and second.dropped == 1
+    # A line torn without its end (a crash mid-append) costs only itself: the next append starts a new line.
+    second.spool.write_text('["torn", "2026-11')
+    second._append_spool(later)
+    assert second._read_spool(100)[0] == later and second.dropped == 2
 
 
 def test_a_spool_left_by_tripcast_0_1_is_replayed(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -146,8 +147,15 @@ class PredictionLog:
         return [(*row[:_SHADOW], float(value), version) for row, value in zip(rows, values, strict=True)]
 
     def _append_spool(self, rows: list[tuple]) -> None:
-        lines = "".join(json.dumps(row) + "\n" for row in rows)
-        with self._locked(), self.spool.open("a") as handle:
+        lines = "".join(json.dumps(row) + "\n" for row in rows).encode()
+        with self._locked(), self.spool.open("ab+") as handle:
+            # A crash mid-append leaves a line without its end; end it, or the first row appended here would
+            # join it and be lost with it (replay counts the torn line once and keeps the rest).
+            end = handle.seek(0, os.SEEK_END)
+            if end:
+                handle.seek(end - 1)
+                if handle.read(1) != b"\n":
+                    lines = b"\n" + lines  # in append mode every write goes to the end, wherever we read
             handle.write(lines)
             handle.flush()
         self.spooled += len(rows)
