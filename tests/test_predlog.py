@@ -17,7 +17,15 @@ from tripcast.serving import predlog
 from tripcast.serving.predlog import PredictionLog
 from tripcast.serving.schemas import RIDE, RideColumns
 from tripcast.serving.traffic import CHALLENGER_ARM, TrafficPolicy, bucket, buckets
-from tripcast.store import PREDICTION_COLUMNS, connect, insert_predictions, log_time, log_times, predictions
+from tripcast.store import (
+    OBSOLETE_INDEXES,
+    PREDICTION_COLUMNS,
+    connect,
+    insert_predictions,
+    log_time,
+    log_times,
+    predictions,
+)
 
 PICKUPS = [datetime(2021, 3, 1), datetime(2021, 3, 14, 2, 30, 0, 1), datetime(2100, 12, 31, 23, 59, 59, 999999)]
 
@@ -55,13 +63,30 @@ def _round_trip(url: str) -> None:
         assert back.ride_id == row[0] and tuple(back)[3:] == row[3:]
 
 
+def _drops_obsolete_indexes(url: str) -> None:
+    """A store made by tripcast 0.1 loses the two indexes nothing reads, and keeps the two that are read."""
+    engine = connect(url)
+    with engine.begin() as conn:
+        for name in OBSOLETE_INDEXES:
+            conn.exec_driver_sql(f"CREATE INDEX {name} ON predictions ({name.removeprefix('ix_predictions_')})")
+    assert {i["name"] for i in sa.inspect(engine).get_indexes("predictions")} >= set(OBSOLETE_INDEXES)
+    engine.dispose()
+    engine = connect(url)
+    assert {i["name"] for i in sa.inspect(engine).get_indexes("predictions")} == {
+        "ix_predictions_ride_id", "ix_predictions_pickup_datetime"}
+    engine.dispose()
+
+
 def test_rows_round_trip_through_sqlite(tmp_path: Path) -> None:
     _round_trip(f"sqlite:///{tmp_path / 'store.db'}")
+    _drops_obsolete_indexes(f"sqlite:///{tmp_path / 'store.db'}")
 
 
 @pytest.mark.postgres
 def test_rows_round_trip_through_postgres(postgres_database) -> None:
-    _round_trip(postgres_database())
+    url = postgres_database()
+    _round_trip(url)
+    _drops_obsolete_indexes(url)
 
 
 def test_the_writer_flushes_in_the_background_and_counts_what_the_bound_refuses(tmp_path: Path) -> None:

@@ -54,6 +54,9 @@ predictions = Table(
     Column("shadow_version", String(32)),
 )
 
+# Indexes tripcast 0.1 put on ``predictions``: every logged row wrote them, and no query reads them.
+OBSOLETE_INDEXES = ("ix_predictions_logged_at", "ix_predictions_model_version")
+
 # Ground truth, as it arrives: an actual duration, or a drop-off time (the duration is then taken from the
 # logged pickup). Kept even when no prediction with that ride_id is logged (yet).
 labels = Table(
@@ -134,6 +137,9 @@ def connect(url: str, create: bool = True) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     if create:
         metadata.create_all(engine)
+        with engine.begin() as conn:  # a store made by an earlier tripcast: its indexes nothing reads
+            for name in OBSOLETE_INDEXES:
+                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
     return engine
 
 
