@@ -85,7 +85,8 @@ def _logged(settings: Settings, prefix: str, expected: int, timeout: float = 15,
             rows = pd.read_sql(sa.select(predictions).where(predictions.c.ride_id.like(f"{prefix}-%")), conn)
         if len(rows) >= expected or time.monotonic() > deadline:
             engine.dispose()
-            return rows
+            # In request order ("<prefix>-<n>"): the log stores each transaction's rows in ride_id order.
+            return rows.iloc[rows["ride_id"].str.removeprefix(f"{prefix}-").astype(int).argsort()]
         time.sleep(0.2)
 
 
@@ -301,7 +302,7 @@ def test_shadow_scores_the_challenger_without_changing_responses(world: dict) ->
     served = response.json()["predictions"]
     assert {p["arm"] for p in served} == {"champion"} and {p["model"]["version"] for p in served} == {champion}
     assert [p["duration"] for p in served] == world["pipelines"][champion].predict(rides).tolist()
-    rows = _logged(world["settings"], "shadow", 200).sort_values("id")
+    rows = _logged(world["settings"], "shadow", 200)
     assert len(rows) == 200 and set(rows["shadow_version"]) == {challenger}
     np.testing.assert_array_equal(rows["shadow_prediction"].to_numpy(),
                                   world["pipelines"][challenger].predict(rides))
