@@ -55,7 +55,7 @@ class Settings:
     log_queue_size: int = 100_000
     # Rows per transaction of the log writer. Each row's ride_id lands on a random page of its index, and a
     # transaction writes every page it touched once: on a 2M-row SQLite store, 20,000-row transactions cost
-    # 8-10 us of CPU per row where 1,000-row ones cost 16-17 (bench/predlog.py).
+    # 5.6 us of CPU per row where 1,000-row ones cost 11.6 (bench/predlog.py).
     log_batch_size: int = 20_000
     log_flush_seconds: float = 0.5
     # Monitoring (see tripcast.monitoring): windows of logged predictions and their thresholds. The defaults
