@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -88,6 +89,32 @@ def test_rows_round_trip_through_postgres(postgres_database) -> None:
     url = postgres_database()
     _round_trip(url)
     _drops_obsolete_indexes(url)
+
+
+@pytest.mark.postgres
+def test_a_role_that_cannot_drop_the_old_indexes_still_opens_the_store(postgres_database, caplog) -> None:
+    url = postgres_database()
+    owner = connect(url)
+    role = f"writer_{uuid.uuid4().hex[:8]}"
+    with owner.begin() as conn:
+        conn.exec_driver_sql("CREATE INDEX ix_predictions_logged_at ON predictions (logged_at)")
+        conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN")
+        conn.exec_driver_sql(f"GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public TO {role}")
+        conn.exec_driver_sql(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    try:
+        limited = connect(url.replace("postgres@", f"{role}@"))
+        with limited.begin() as conn:
+            insert_predictions(conn, _rows("limited", 3))
+        limited.dispose()
+        assert "could not drop the unused index ix_predictions_logged_at" in caplog.text
+        assert "ix_predictions_logged_at" in {i["name"] for i in sa.inspect(owner).get_indexes("predictions")}
+        with owner.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar_one() == 3
+    finally:
+        with owner.begin() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}")
+            conn.exec_driver_sql(f"DROP ROLE {role}")
+        owner.dispose()
 
 
 def test_the_writer_flushes_in_the_background_and_counts_what_the_bound_refuses(tmp_path: Path) -> None:

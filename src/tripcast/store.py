@@ -7,6 +7,7 @@ window metrics, alerts and automation decisions beside them.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from itertools import chain
@@ -31,7 +32,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
+log = logging.getLogger(__name__)
 metadata = MetaData()
 
 predictions = Table(
@@ -138,9 +141,12 @@ def connect(url: str, create: bool = True) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     if create:
         metadata.create_all(engine)
-        with engine.begin() as conn:  # a store made by an earlier tripcast: its indexes nothing reads
-            for name in OBSOLETE_INDEXES:
-                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+        for name in OBSOLETE_INDEXES:  # a store made by an earlier tripcast: indexes nothing reads
+            try:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+            except DBAPIError as exc:  # e.g. a role that does not own it: slower inserts, not a broken store
+                log.warning("could not drop the unused index %s: %s", name, str(exc.orig).strip())
     return engine
 
 
