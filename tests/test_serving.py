@@ -203,19 +203,19 @@ def test_admin_needs_the_token(server: Server) -> None:
 def test_hot_swap_under_load_fails_no_request(world: dict, server: Server) -> None:
     old, new = world["versions"]
     registry: Registry = world["registry"]
-    results: list[tuple[float, int, str]] = []
+    results: list[tuple[float, int, str, str]] = []
     stop = threading.Event()
 
     def fire(worker: int) -> None:
         with httpx.Client(timeout=10) as client:
             i = 0
             while not stop.is_set():
-                started = time.monotonic()
+                started, ride_id = time.monotonic(), f"swap-{worker * 1_000_000 + i}"
                 try:
-                    r = client.post(f"{server.url}/predict", json={**COURSE_RIDE, "ride_id": f"swap-{worker}-{i}"})
-                    results.append((started, r.status_code, r.headers.get("X-Model-Version", "")))
+                    r = client.post(f"{server.url}/predict", json={**COURSE_RIDE, "ride_id": ride_id})
+                    results.append((started, r.status_code, r.headers.get("X-Model-Version", ""), ride_id))
                 except httpx.TransportError as exc:
-                    results.append((started, 0, repr(exc)))
+                    results.append((started, 0, repr(exc), ride_id))
                 i += 1
 
     with ThreadPoolExecutor(8) as pool:
@@ -238,6 +238,10 @@ def test_hot_swap_under_load_fails_no_request(world: dict, server: Server) -> No
     assert [r for r in results if r[1] != 200] == []
     assert {r[2] for r in results} == {old, new}
     assert {r[2] for r in results if r[0] > swapped_at} == {new}
+    # Every answer of the load is in the prediction log, once, with the version that gave it.
+    logged = _logged(world["settings"], "swap", len(results))
+    assert len(logged) == len(results)
+    assert dict(zip(logged["ride_id"], logged["model_version"], strict=True)) == {r[3]: r[2] for r in results}
 
 
 def test_a_failing_load_keeps_the_old_model_serving(world: dict, server: Server, tmp_path: Path) -> None:
