@@ -225,7 +225,7 @@ def insert_predictions(conn: Connection, rows: list[tuple]) -> None:
 
 
 def jsonable(row, leave_out: tuple[str, ...] = ()) -> dict:
-    """A row (mapping) with its datetimes as ISO 8601 text, for JSON: spool files, webhooks, API answers."""
+    """A row (mapping) with its datetimes as ISO 8601 text, for JSON: webhooks, API answers, decision data."""
     return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items() if k not in leave_out}
 
 
