@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import socketserver
 import subprocess
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from pydantic import ValidationError
 
 from tripcast import training
 from tripcast.config import Settings
@@ -119,6 +121,8 @@ def test_the_course_request_works_unchanged(server: Server) -> None:
     ({**COURSE_RIDE, "DOLocationID": 266}, "DOLocationID"),
     ({**COURSE_RIDE, "DOLocationID": "50"}, "DOLocationID"),
     ({**COURSE_RIDE, "PULocationID": 10.5}, "PULocationID"),
+    ({**COURSE_RIDE, "PULocationID": True}, "PULocationID"),
+    ({**COURSE_RIDE, "DOLocationID": 265.5}, "DOLocationID"),
     ({**COURSE_RIDE, "trip_distance": -1}, "trip_distance"),
     ({**COURSE_RIDE, "trip_distance": 5000}, "trip_distance"),
     ({**COURSE_RIDE, "trip_distance": "far"}, "trip_distance"),
@@ -148,6 +152,34 @@ def test_malformed_json_and_non_finite_numbers_are_422(server: Server, content: 
     assert field in [loc for error in response.json()["detail"] for loc in error["loc"]]
 
 
+def test_a_zone_written_as_a_whole_float_is_that_zone(server: Server) -> None:
+    # JSON does not tell 10 from 10.0 (the schema says "integer", which includes 10.0), and a pandas column
+    # with a gap serialises zones as floats.
+    as_int = httpx.post(f"{server.url}/predict", json={**COURSE_RIDE, "ride_id": "int-zone"}, timeout=10)
+    as_float = httpx.post(f"{server.url}/predict", timeout=10, headers={"content-type": "application/json"},
+                          content='{"PULocationID": 10.0, "DOLocationID": 5e1, "trip_distance": 40, "ride_id": "f"}')
+    assert as_float.status_code == 200 and as_float.json()["duration"] == as_int.json()["duration"]
+    batch = httpx.post(f"{server.url}/predict/batch", json={"rides": [{**COURSE_RIDE, "PULocationID": 10.0}]})
+    assert batch.json()["predictions"][0]["duration"] == as_int.json()["duration"]
+    bad = httpx.post(f"{server.url}/predict", json={**COURSE_RIDE, "PULocationID": "10"}, timeout=10)
+    assert bad.json()["detail"] == [{"loc": ["body", "PULocationID"], "type": "zone_id",
+                                     "msg": "Input should be a taxi zone: a whole number from 1 to 265"}]
+
+
+def test_plausible_years_are_in_the_schema_as_in_the_validator() -> None:
+    from tripcast.serving.schemas import RIDE, YEARS_PATTERN
+
+    for year in (2008, 2009, 2010, 2099, 2100, 2101, 1999, 3000):
+        text = f"{year}-06-01T12:00:00"
+        documented = re.match(YEARS_PATTERN, text) is not None
+        try:
+            RIDE.validate_python({**COURSE_RIDE, "pickup_datetime": text})
+            accepted = True
+        except ValidationError:
+            accepted = False
+        assert documented == accepted == (2009 <= year <= 2100), year
+
+
 def test_batch_limits(world: dict, server: Server) -> None:
     assert httpx.post(f"{server.url}/predict/batch", json={"rides": []}).status_code == 422
     too_many = {"rides": [COURSE_RIDE] * (world["settings"].batch_limit + 1)}
@@ -162,12 +194,20 @@ def test_batch_limits(world: dict, server: Server) -> None:
     ({"ride_id": "x", "dropoff_datetime": "9999-12-31T23:59:59"}, "dropoff_datetime"),
     ({"ride_id": "", "duration": 3}, "ride_id"),
     ({"ride_id": "a\x00b", "duration": 3}, "ride_id"),
+    ({"ride_id": "x"}, "labels"),
+    ({"ride_id": "x", "duration": 3, "dropoff_datetime": "2021-03-01T10:00:00"}, "labels"),
 ])
 def test_bad_labels_are_a_422_naming_the_field(server: Server, label: dict, field: str) -> None:
     response = httpx.post(f"{server.url}/feedback", content=json.dumps({"labels": [label]}),
                           headers={"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"})
     assert response.status_code == 422
     assert field in [loc for error in response.json()["detail"] for loc in error["loc"]]
+
+
+def test_a_feedback_body_that_is_not_utf8_json_is_a_422(server: Server) -> None:
+    response = httpx.post(f"{server.url}/feedback", content=b'{"labels": "\xff\xfe"}',
+                          headers={"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body"]
 
 
 def test_without_a_model_predictions_are_503_naming_the_alias(world: dict) -> None:
@@ -377,9 +417,14 @@ def test_log_reaches_postgres_after_an_outage(world: dict, postgres_database) ->
 def test_openapi_documents_the_bodies_the_routes_validate(world: dict, server: Server) -> None:
     schema = httpx.get(f"{server.url}/openapi.json").json()
     components = schema["components"]["schemas"]
-    for path, name in (("/predict", "Ride"), ("/predict/batch", "RideBatch")):
-        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
-        assert body == {"$ref": f"#/components/schemas/{name}"}
+    for path, name in (("/predict", "Ride"), ("/predict/batch", "RideBatch"), ("/feedback", "LabelBatch")):
+        operation = schema["paths"][path]["post"]
+        assert operation["requestBody"]["content"]["application/json"]["schema"] == {
+            "$ref": f"#/components/schemas/{name}"}
+        assert operation["responses"]["422"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/HTTPValidationError"}
+    assert {"HTTPValidationError", "ValidationError", "Label"} <= set(components)
+    assert list(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
     assert set(components["Ride"]["properties"]) == {"PULocationID", "DOLocationID", "trip_distance", "ride_id",
                                                      "pickup_datetime"}
     assert components["Ride"]["required"] == ["PULocationID", "DOLocationID", "trip_distance"]
@@ -389,9 +434,11 @@ def test_openapi_documents_the_bodies_the_routes_validate(world: dict, server: S
     assert (rides["minItems"], rides["maxItems"]) == (1, world["settings"].batch_limit)
 
 
-def test_openapi_fuzz_finds_no_server_error(server: Server) -> None:
+def test_openapi_fuzz_finds_no_server_error_and_no_departure_from_the_schema(server: Server) -> None:
+    # All checks: no 5xx, and the API keeps its documented contract (schema-valid bodies accepted, invalid
+    # ones refused, only documented status codes, content types and response shapes).
     result = subprocess.run(
         [str(Path(sys.executable).with_name("schemathesis")), "run", f"{server.url}/openapi.json",
-         "--checks", "not_a_server_error", "--max-examples", "100", "-H", f"Authorization: Bearer {TOKEN}"],
+         "--checks", "all", "--max-examples", "100", "-H", f"Authorization: Bearer {TOKEN}"],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:]

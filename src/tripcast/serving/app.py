@@ -2,7 +2,6 @@
 
 Run with ``tripcast serve`` (uvicorn). The model is always resolved from the registry by alias, never a path.
 """
-# No `from __future__ import annotations`: FastAPI must see the feedback body, a model built at runtime, as a type.
 
 import functools
 import gc
@@ -15,9 +14,10 @@ import orjson
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.openapi.utils import validation_error_definition, validation_error_response_definition
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from tripcast.config import Settings, load_settings
@@ -26,7 +26,7 @@ from tripcast.monitoring import dashboard
 from tripcast.registry import CHALLENGER, Registry
 from tripcast.serving.holder import AliasWatcher, ModelHolder
 from tripcast.serving.predlog import PredictionLog
-from tripcast.serving.schemas import RIDE, Label, log_features, ride_batch
+from tripcast.serving.schemas import RIDE, label_batch, log_features, ride_batch
 from tripcast.serving.scoring import NoModelError, Scorer
 from tripcast.serving.traffic import TrafficPolicy
 from tripcast.store import record_labels, shared
@@ -112,19 +112,24 @@ def validated(adapter: TypeAdapter, body: bytes):
 
 
 def json_body(name: str) -> dict:
-    """OpenAPI for a route that validates its JSON body itself: the schema ``name`` from the components."""
+    """OpenAPI for a route that validates its JSON body itself: the schema ``name`` from the components, and
+    the 422 that FastAPI documents only for the bodies it validates."""
     return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}},
+            "responses": {"422": {"description": "Validation Error", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}}}}}
 
 
 def document_bodies(app: FastAPI, bodies: dict[str, TypeAdapter]) -> None:
-    """Add the schemas of self-validated bodies to the app's OpenAPI components."""
+    """Add the schemas of self-validated bodies, and of FastAPI's 422 answer, to the app's OpenAPI components."""
     generate = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = generate()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.setdefault("HTTPValidationError", validation_error_response_definition)
+            components.setdefault("ValidationError", validation_error_definition)
             for name, adapter in bodies.items():
                 body = adapter.json_schema(ref_template="#/components/schemas/{model}")
                 components.update(body.pop("$defs", {}) | {name: body})
@@ -162,6 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The store's engine is made on first use (in a worker thread), not at start: the store may be down then.
     store_url = settings.resolved_monitoring_uri
     batch = ride_batch(settings.batch_limit)
+    labels = label_batch(settings.batch_limit)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -180,11 +186,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="tripcast", version="1", lifespan=lifespan,
                   description="NYC taxi trip duration predictions from the MLflow registry's champion.")
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    document_bodies(app, {"Ride": RIDE, "RideBatch": batch})
+    document_bodies(app, {"Ride": RIDE, "RideBatch": batch, "LabelBatch": labels})
 
     @app.exception_handler(DataError)
     async def data_error(request: Request, exc: DataError) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"detail": [{"loc": ["body"], "msg": str(exc)}]})
+        return JSONResponse(status_code=422, content={"detail": [{"loc": ["body"], "msg": str(exc),
+                                                                  "type": "value_error"}]})
 
     @app.exception_handler(NoModelError)
     async def no_model(request: Request, exc: NoModelError) -> JSONResponse:
@@ -196,9 +203,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         return JSONResponse(status_code=422, content={"detail": errors})
 
-    # The two prediction routes read the raw body and validate it in one pass (pydantic-core, from bytes), and
-    # write their own JSON: FastAPI's parse-then-validate and its response-model round trip cost more per
-    # request than the model. Both schemas are still in the OpenAPI document (``document_bodies``).
+    # The routes with a body read it raw and validate it in one pass (pydantic-core, from bytes: malformed or
+    # non-UTF-8 JSON is a 422 like any bad field); the prediction routes also write their own JSON. FastAPI's
+    # parse-then-validate and its response-model round trip cost more per request than the model. The bodies'
+    # schemas are still in the OpenAPI document (``document_bodies``).
     @app.post("/predict", response_model=Prediction, openapi_extra=json_body("Ride"),
               responses={503: {"description": "no model loaded"}})
     async def predict(request: Request) -> Response:
@@ -242,7 +250,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                    "spooled": predlog.spooled, "dropped": predlog.dropped,
                                    "store_up": predlog.store_up, "last_error": predlog.last_error}}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)  # documented as text: Prometheus' exposition format
     async def prometheus() -> Response:
         metrics.queue_depth.set(predlog.depth)
         metrics.logs_dropped.set(predlog.dropped)
@@ -280,18 +288,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {alias: {"changed": changed[alias], "version": h.current.version if h.current else None,
                         "last_reload_error": h.last_error} for alias, h in zip(changed, holders, strict=True)}
 
-    feedback_body = create_model(
-        "LabelBatch", __config__=ConfigDict(extra="forbid"),
-        labels=(list[Label], Field(min_length=1, max_length=settings.batch_limit)))
-
-    @app.post("/feedback", dependencies=[Depends(admin)],
+    @app.post("/feedback", dependencies=[Depends(admin)], openapi_extra=json_body("LabelBatch"),
               responses={401: {"description": "no token"}, 403: {"description": "wrong token"},
                          503: {"description": "monitoring store unavailable"}})
-    async def feedback(batch: feedback_body) -> dict:  # type: ignore[valid-type]
+    async def feedback(request: Request) -> dict:
         """Actual durations (or drop-off times) of served rides, matched to logged predictions by ride_id.
         Labels for ride_ids with no logged prediction (yet) are kept and reported as ``unknown``."""
+        rows = [label.row() for label in validated(labels, await request.body()).labels]
         try:
-            rows = [lab.row() for lab in batch.labels]
             result = await run_in_threadpool(lambda: record_labels(shared(store_url), rows, "api"))
         except SQLAlchemyError as exc:
             raise HTTPException(503, f"monitoring store unavailable, labels not stored: retry "

@@ -15,7 +15,18 @@ from typing import (
 
 import numpy as np
 import pandas as pd
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    TypeAdapter,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 from typing_extensions import TypedDict
 
 from tripcast.features import ZONE_MAX, ZONE_MIN, Preprocessor, local_naive
@@ -34,11 +45,33 @@ def _plausible_year(value: datetime | None) -> datetime | None:
     return value
 
 
-ZoneID = Annotated[int, Field(strict=True, ge=ZONE_MIN, le=ZONE_MAX, description="TLC taxi zone, 1..265")]
+class _ZoneSchema:
+    """A TLC taxi zone: a whole number from 1 to 265, written 10 or 10.0 (JSON does not tell them apart, and
+    a pandas column with a gap turns zones into floats), never "10" or true. Integers are checked in
+    pydantic-core alone; only a float calls back into Python, to become an int."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: type, handler: GetCoreSchemaHandler) -> CoreSchema:
+        whole = core_schema.float_schema(strict=True, multiple_of=1, ge=ZONE_MIN, le=ZONE_MAX)
+        return core_schema.union_schema(
+            [core_schema.int_schema(strict=True, ge=ZONE_MIN, le=ZONE_MAX),
+             core_schema.no_info_after_validator_function(int, whole)],
+            mode="left_to_right", custom_error_type="zone_id",
+            custom_error_message=f"Input should be a taxi zone: a whole number from {ZONE_MIN} to {ZONE_MAX}")
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return {"type": "integer", "minimum": ZONE_MIN, "maximum": ZONE_MAX, "description": "TLC taxi zone"}
+
+
+ZoneID = Annotated[int, _ZoneSchema]
 Distance = Annotated[float, Field(strict=True, ge=0, le=MAX_DISTANCE, allow_inf_nan=False, description="miles")]
 # No control characters: PostgreSQL cannot store NUL, and a row the store refuses would block the log's spool.
 RideId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
-PlausibleTime = Annotated[datetime | None, AfterValidator(_plausible_year)]
+# The same years as a pattern on the text, so that the OpenAPI schema says it too (clients, the fuzz).
+YEARS_PATTERN = r"^(2009|20[1-9][0-9]|2100)-"
+PlausibleTime = Annotated[datetime | None, AfterValidator(_plausible_year),
+                          Field(json_schema_extra={"pattern": YEARS_PATTERN})]
 Pickup = Annotated[PlausibleTime, Field(description="ISO 8601; naive means New York time; default now")]
 
 
@@ -71,8 +104,11 @@ def ride_batch(limit: int) -> TypeAdapter:
 class Label(BaseModel):
     """Ground truth for a ride: its actual duration in minutes, or its drop-off time."""
 
+    # The one-of rule (``one_of`` below) in the schema too, so that clients and the fuzz see it.
     model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"ride_id": "green-2021-02-17", "duration": 12.5}]})
+        "examples": [{"ride_id": "green-2021-02-17", "duration": 12.5}],
+        "oneOf": [{"required": [given], "properties": {given: {"not": {"type": "null"}}, other: {"type": "null"}}}
+                  for given, other in (("duration", "dropoff_datetime"), ("dropoff_datetime", "duration"))]})
 
     ride_id: RideId
     duration: float | None = Field(None, strict=True, gt=0, le=MAX_LABEL_MINUTES, allow_inf_nan=False,
@@ -88,6 +124,16 @@ class Label(BaseModel):
     def row(self) -> dict:
         dropoff = local_naive(self.dropoff_datetime) if self.dropoff_datetime is not None else None
         return {"ride_id": self.ride_id, "actual_duration": self.duration, "dropoff_datetime": dropoff}
+
+
+def label_batch(limit: int) -> TypeAdapter:
+    """``{"labels": [...]}`` with 1..limit labels."""
+
+    class LabelBatch(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        labels: list[Label] = Field(min_length=1, max_length=limit)
+
+    return TypeAdapter(LabelBatch)
 
 
 def random_ids(n: int) -> list[str]:
