@@ -156,6 +156,31 @@ def test_while_the_store_is_down_a_backlog_is_spooled_at_once_and_replayed_later
     assert log.store_up and not log.spool.exists() and log.dropped == 0
 
 
+def test_with_the_store_down_and_the_spool_unwritable_rows_are_counted_and_the_writer_carries_on(
+        tmp_path: Path) -> None:
+    folder = tmp_path / "not-yet"
+    url = f"sqlite:///{folder / 'store.db'}"
+    log = PredictionLog(url, tmp_path / "spool", batch_size=100, flush_seconds=0.05)
+    log.spool.mkdir()  # stands in for a full or read-only disk: neither appending nor reading the spool works
+    log.put(_rows("lost", 250))
+    log.start()
+    deadline = time.monotonic() + 5
+    while log.dropped < 250 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert log.dropped == 250 and log.spooled == 0 and log.depth == 0 and "spool" in log.last_error
+    log.spool.rmdir()  # the disk has room again, and the store comes back
+    folder.mkdir()
+    log.put(_rows("kept", 100))
+    deadline = time.monotonic() + 10
+    while log.written < 100 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log.stop()
+    with connect(url).connect() as conn:
+        ids = pd.read_sql(sa.select(predictions.c.ride_id), conn)["ride_id"]
+    assert log.written == 100 and log.dropped == 250 and log.store_up
+    assert sorted(ids) == sorted(row[0] for row in _rows("kept", 100))
+
+
 def test_a_long_spool_is_replayed_in_bounded_transactions_and_resumes_after_a_restart(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(predlog, "REPLAY_ROWS", 400)

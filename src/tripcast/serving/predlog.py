@@ -8,8 +8,9 @@ transaction: a spool left by a long outage is replayed over several flushes, fro
 (``.offset``), never read whole into memory or inserted in one giant transaction. There is one
 spool per store (named by a hash of its URL), so a spool is only ever replayed into the store it was meant
 for, and appends and replays hold an exclusive file lock, so several worker processes can share it. A row is
-only ever lost when the queue is full, and then it is counted (``dropped``). Shadow predictions are computed
-here too, per batch, off the response path.
+only ever lost when the queue is full, or when the store is down and the spool cannot be written (a full
+disk), and then it is counted (``dropped``). Shadow predictions are computed here too, per batch, off the
+response path.
 
 The writer wakes on a timer rather than on every ``put``: waking it per request would hand the GIL to it per
 request, which costs the request path more than the writing does.
@@ -103,7 +104,7 @@ class PredictionLog:
                 if not self._write(chunk):  # the store is down: spool the rest too, without knocking again
                     rest = list(chain.from_iterable(chunks[k + 1:]))
                     if rest:
-                        self._append_spool(rest)
+                        self._spool_or_count(rest)
                     down = True
                     break
             with self._lock:
@@ -132,8 +133,18 @@ class PredictionLog:
         except Exception as exc:  # store down (SQLAlchemyError, OSError) or anything else: never lose the rows
             self.store_up, self.last_error = False, f"{type(exc).__name__}: {exc}"[:300]
             if rows:
-                self._append_spool(rows)
+                self._spool_or_count(rows)
             return False
+
+    def _spool_or_count(self, rows: list[tuple]) -> None:
+        """Rows the store did not take, into the spool; if even that fails (a full or read-only disk), they
+        are counted as dropped, and the writer carries on: it must outlive the outage to log what comes after."""
+        try:
+            self._append_spool(rows)
+        except OSError as exc:
+            self.dropped += len(rows)
+            self.last_error = f"store down and spool unwritable, {len(rows)} rows dropped: {exc}"[:300]
+            log.error("prediction log: %s", self.last_error)
 
     def _add_shadow(self, rows: list[tuple]) -> list[tuple]:
         try:
