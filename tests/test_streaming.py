@@ -165,6 +165,29 @@ def test_consumer_survives_a_redis_restart(names, served, tmp_path: Path) -> Non
         server.wait(timeout=10)
 
 
+def test_consumer_recreates_its_group_when_redis_lost_its_data(client, names, served) -> None:
+    # A Redis restarted without persistence (or a stream deleted by hand) comes back without the consumer
+    # group: the consumer makes it again and goes on, instead of dying on NOGROUP.
+    consumer = StreamConsumer(client, served["holder"], names, block_ms=100)
+    stop = threading.Event()
+    worker = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+    worker.start()
+    events = _events(served["rides"].head(10))
+    try:
+        client.xadd(names.input, events[0])
+        _wait(lambda: client.xlen(names.output) == 1)
+        client.delete(names.input)  # the stream and its group are gone
+        time.sleep(0.3)  # the consumer meets NOGROUP
+        ids = [client.xadd(names.input, event) for event in events[1:]]
+        _wait(lambda: client.xlen(names.output) == 10)
+        assert worker.is_alive() and consumer.regrouped >= 1
+        assert [f["event_id"] for _, f in client.xrange(names.output)][1:] == ids
+        assert client.xpending(names.input, names.group)["pending"] == 0
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+
+
 def _wait(condition, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -4,7 +4,8 @@ Each event's field ``ride`` holds the ride as JSON (the API's request shape). Th
 consumer group, publishes ``{ride_id, duration, model_version, event_id}`` to the output stream, and only then
 acknowledges the event (at-least-once). A malformed event goes to the dead-letter stream with its error and is
 acknowledged. Events a crashed consumer left pending are claimed after ``claim_idle_ms``. Connection errors
-(a Redis restart) are waited out with back-off; nothing is acknowledged that was not published.
+(a Redis restart) are waited out with back-off, and a group that Redis lost is made again; nothing is
+acknowledged that was not published.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class StreamConsumer:
         self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
         self.predlog = predlog
         self.scorer = Scorer(holder, None, TrafficPolicy("champion", 0.0), "stream")
-        self.published = self.dead = self.reconnects = 0
+        self.published = self.dead = self.reconnects = self.regrouped = 0
 
     def ensure_group(self) -> None:
         try:
@@ -70,6 +71,14 @@ class StreamConsumer:
                 log.warning("redis unavailable (%s); retrying in %.1f s", exc, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
+            except redis.ResponseError as exc:
+                if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
+                    raise
+                # Redis lost its data (restarted without persistence, or the stream was deleted, which also
+                # ends a blocked read with UNBLOCKED): the loop makes the group again, from the first event.
+                self.regrouped += 1
+                log.warning("consumer group %s on %s is gone (%s); creating it again", self.names.group,
+                            self.names.input, exc)
 
     def step(self) -> int:
         """Claim stale pending events, read new ones, process them. Returns how many were handled."""
