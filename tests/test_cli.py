@@ -42,6 +42,7 @@ def test_help_lists_the_commands() -> None:
     (["loop", "--sample", "2"], "sample must be in (0, 1]"),
     (["loop", "--api-url", "http://127.0.0.1:9"], "set TRIPCAST_ADMIN_TOKEN"),
     (["data", "drift", "green", "2021-02", "--kind", "bogus", "--out", "drifted"], "unknown drift 'bogus'"),
+    (["serve", "--port", "70000"], "Invalid value for '--port'"),  # uvicorn started on it without a word
 ])
 def test_bad_input_is_one_clear_line(settings: Settings, args: list[str], message: str) -> None:
     result = run(args)

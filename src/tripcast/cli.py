@@ -331,7 +331,7 @@ def _num(value: float | None, digits: int = 3) -> str:
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    port: Annotated[int, typer.Option(help="Port.", min=1, max=65535)] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes (use PostgreSQL stores with more than one).",
                                          min=1)] = 1,
     verbose: Verbose = False,
@@ -340,6 +340,8 @@ def serve(
     _settings(verbose)
     import uvicorn
 
+    typer.echo(f"serving http://{host}:{port} ({workers} worker{'s' * (workers > 1)}; API docs at /docs); "
+               "Ctrl-C stops it")
     uvicorn.run("tripcast.serving.app:create_app", factory=True, host=host, port=port, workers=workers,
                 log_level="info" if verbose else "warning", access_log=verbose)
 
