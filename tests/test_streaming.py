@@ -47,6 +47,12 @@ def client(names: StreamNames) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
+def raw() -> redis.Redis:
+    """The consumer's client: events as bytes, as ``tripcast stream`` reads them."""
+    return redis.Redis(host="127.0.0.1", port=6379)
+
+
+@pytest.fixture
 def served(settings: Settings) -> dict:
     months = {m: training.read_month_data("green", m, settings)
               for m in ("2021-01", "2021-02")}
@@ -72,16 +78,20 @@ def _drain(consumer: StreamConsumer, expected: int, timeout: float = 10) -> None
         handled += consumer.step()
 
 
-def test_events_in_predictions_out_malformed_to_dead_letter(client, names, served, settings: Settings) -> None:
+def test_events_in_predictions_out_malformed_to_dead_letter(client, raw, names, served,
+                                                            settings: Settings) -> None:
     predlog = PredictionLog(settings.resolved_monitoring_uri, settings.spool_dir, flush_seconds=0.05)
     predlog.start()
-    consumer = StreamConsumer(client, served["holder"], names, block_ms=100, predlog=predlog)
+    consumer = StreamConsumer(raw, served["holder"], names, block_ms=100, predlog=predlog)
     consumer.ensure_group()
     ids = [client.xadd(names.input, event) for event in _events(served["rides"])]
     bad = {client.xadd(names.input, {"ride": "{not json"}): "ride",
            client.xadd(names.input, {"ride": json.dumps({"PULocationID": 0, "DOLocationID": 5,
                                                          "trip_distance": 1})}): "PULocationID",
            client.xadd(names.input, {"other": "field"}): "ride"}
+    not_utf8 = b'{"PULocationID": 10, "ride_id": "\xff"}'  # a consumer that decoded events died on it, every time
+    poison = raw.xadd(names.input, {"ride": not_utf8}).decode()
+    bad[poison] = "ride"
     _drain(consumer, len(ids) + len(bad))
 
     out = client.xrange(names.output)
@@ -89,7 +99,9 @@ def test_events_in_predictions_out_malformed_to_dead_letter(client, names, serve
     expected = served["holder"].current.pipeline.predict(served["rides"])
     np.testing.assert_array_equal([float(f["duration"]) for _, f in out], expected)
     assert {f["model_version"] for _, f in out} == {"1"} and out[0][1]["ride_id"] == "ride-0"
-    dead = {f["event_id"]: f["error"] for _, f in client.xrange(names.dead_letter)}
+    letters = {f[b"event_id"].decode(): f for _, f in raw.xrange(names.dead_letter)}  # as sent: any bytes
+    dead = {event: f[b"error"].decode() for event, f in letters.items()}
+    assert letters[poison][b"ride"] == not_utf8
     assert dead.keys() == bad.keys()
     assert all(field in dead[event] for event, field in bad.items())
     assert client.xpending(names.input, names.group)["pending"] == 0
@@ -104,13 +116,13 @@ def test_events_in_predictions_out_malformed_to_dead_letter(client, names, serve
     assert (logged["pickup_datetime"] == served["rides"]["pickup_datetime"].to_numpy()).all()
 
 
-def test_pending_events_are_redelivered_after_a_consumer_crash(client, names, served) -> None:
-    StreamConsumer(client, served["holder"], names).ensure_group()
+def test_pending_events_are_redelivered_after_a_consumer_crash(client, raw, names, served) -> None:
+    StreamConsumer(raw, served["holder"], names).ensure_group()
     ids = [client.xadd(names.input, event) for event in _events(served["rides"].head(20))]
     # A consumer reads the events and dies before publishing or acknowledging anything.
     taken = client.xreadgroup(names.group, "crashed-consumer", {names.input: ">"}, count=100)
     assert len(taken[0][1]) == 20 and client.xpending(names.input, names.group)["pending"] == 20
-    survivor = StreamConsumer(client, served["holder"], names, consumer="survivor", claim_idle_ms=200,
+    survivor = StreamConsumer(raw, served["holder"], names, consumer="survivor", claim_idle_ms=200,
                               block_ms=100)
     assert survivor.step() == 0  # too early to claim: the events have not been idle long enough yet
     time.sleep(0.3)
@@ -138,7 +150,7 @@ def test_consumer_survives_a_redis_restart(names, served, tmp_path: Path) -> Non
     port = free_port()
     server = _start_redis(port, tmp_path)
     client = redis.Redis(port=port, decode_responses=True, socket_timeout=2)
-    consumer = StreamConsumer(client, served["holder"], names, block_ms=100)
+    consumer = StreamConsumer(redis.Redis(port=port, socket_timeout=2), served["holder"], names, block_ms=100)
     stop = threading.Event()
     worker = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
     worker.start()
@@ -165,10 +177,10 @@ def test_consumer_survives_a_redis_restart(names, served, tmp_path: Path) -> Non
         server.wait(timeout=10)
 
 
-def test_consumer_recreates_its_group_when_redis_lost_its_data(client, names, served) -> None:
+def test_consumer_recreates_its_group_when_redis_lost_its_data(client, raw, names, served) -> None:
     # A Redis restarted without persistence (or a stream deleted by hand) comes back without the consumer
     # group: the consumer makes it again and goes on, instead of dying on NOGROUP.
-    consumer = StreamConsumer(client, served["holder"], names, block_ms=100)
+    consumer = StreamConsumer(raw, served["holder"], names, block_ms=100)
     stop = threading.Event()
     worker = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
     worker.start()

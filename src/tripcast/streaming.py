@@ -42,6 +42,10 @@ class StreamConsumer:
     def __init__(self, client: redis.Redis, holder: ModelHolder, names: StreamNames = StreamNames(),
                  consumer: str | None = None, batch: int = 500, block_ms: int = 1000, claim_idle_ms: int = 30_000,
                  predlog: PredictionLog | None = None) -> None:
+        # Events are read as bytes: a client that decodes them would fail on an event that is not UTF-8, every
+        # time it is delivered (a poison event); as bytes it is validated, and dead-lettered, like any other.
+        if client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("StreamConsumer needs a Redis client with decode_responses=False")
         self.redis = client
         self.holder = holder
         self.names = names
@@ -93,20 +97,20 @@ class StreamConsumer:
             self.process(entries)
         return len(entries)
 
-    def process(self, entries: list[tuple[str, dict]]) -> None:
+    def process(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         if self.holder.current is None:
             raise RuntimeError(f"no model behind alias {self.holder.alias!r}")  # leave events pending
         rides, ids, dead = [], [], []
         for event_id, fields in entries:
             try:
-                rides.append(RIDE.validate_json(fields.get("ride", "")))
+                rides.append(RIDE.validate_json(fields.get(b"ride", b"")))
                 ids.append(event_id)
             except ValidationError as exc:
                 errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'ride'}: {e['msg']}" for e in exc.errors())
                 dead.append((event_id, fields, errors))
         pipe = self.redis.pipeline(transaction=True)
         for event_id, fields, error in dead:
-            pipe.xadd(self.names.dead_letter, {"event_id": event_id, "ride": fields.get("ride", ""), "error": error})
+            pipe.xadd(self.names.dead_letter, {"event_id": event_id, "ride": fields.get(b"ride", b""), "error": error})
         results, rows = self.scorer.many(rides) if rides else ([], [])
         for event_id, result in zip(ids, results, strict=True):
             pipe.xadd(self.names.output, {"event_id": event_id, "ride_id": result["ride_id"],
@@ -134,8 +138,7 @@ def run_consumer(settings, redis_url: str, names: StreamNames, stop: threading.E
                             settings.log_batch_size, settings.log_flush_seconds)
     watcher.start()
     predlog.start()
-    consumer = StreamConsumer(redis.Redis.from_url(redis_url, decode_responses=True), holder, names,
-                              predlog=predlog)
+    consumer = StreamConsumer(redis.Redis.from_url(redis_url), holder, names, predlog=predlog)
     log.info("consuming %s as %s/%s", names.input, names.group, consumer.consumer)
     try:
         consumer.run(stop)
