@@ -43,6 +43,7 @@ def test_help_lists_the_commands() -> None:
     (["loop", "--api-url", "http://127.0.0.1:9"], "set TRIPCAST_ADMIN_TOKEN"),
     (["data", "drift", "green", "2021-02", "--kind", "bogus", "--out", "drifted"], "unknown drift 'bogus'"),
     (["serve", "--port", "70000"], "Invalid value for '--port'"),  # uvicorn started on it without a word
+    (["stream", "--redis-url", "localhost:6379"], "Redis URL 'localhost:6379': Redis URL must specify"),
 ])
 def test_bad_input_is_one_clear_line(settings: Settings, args: list[str], message: str) -> None:
     result = run(args)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import redis
 from pydantic import ValidationError
 
-from tripcast.errors import RegistryError
+from tripcast.errors import RegistryError, TripcastError
 from tripcast.registry import Registry
 from tripcast.serving.holder import AliasWatcher, ModelHolder
 from tripcast.serving.predlog import PredictionLog
@@ -128,6 +128,10 @@ class StreamConsumer:
 def run_consumer(settings, redis_url: str, names: StreamNames, stop: threading.Event | None = None) -> None:
     """The ``tripcast stream`` process: model from the registry alias, predictions logged like the API's."""
     stop = stop or threading.Event()
+    try:
+        client = redis.Redis.from_url(redis_url)  # bytes, not decoded: see StreamConsumer
+    except ValueError as exc:
+        raise TripcastError(f"Redis URL {redis_url!r}: {exc}") from None
     holder = ModelHolder(Registry(settings), settings.serve_alias)
     holder.refresh()
     if holder.current is None:
@@ -138,7 +142,7 @@ def run_consumer(settings, redis_url: str, names: StreamNames, stop: threading.E
                             settings.log_batch_size, settings.log_flush_seconds)
     watcher.start()
     predlog.start()
-    consumer = StreamConsumer(redis.Redis.from_url(redis_url), holder, names, predlog=predlog)
+    consumer = StreamConsumer(client, holder, names, predlog=predlog)
     log.info("consuming %s as %s/%s", names.input, names.group, consumer.consumer)
     try:
         consumer.run(stop)
