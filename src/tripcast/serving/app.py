@@ -21,7 +21,6 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from tripcast.config import Settings, load_settings
-from tripcast.errors import DataError
 from tripcast.monitoring import dashboard
 from tripcast.registry import CHALLENGER, Registry
 from tripcast.serving.holder import AliasWatcher, ModelHolder
@@ -187,11 +186,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="NYC taxi trip duration predictions from the MLflow registry's champion.")
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     document_bodies(app, {"Ride": RIDE, "RideBatch": batch, "LabelBatch": labels})
-
-    @app.exception_handler(DataError)
-    async def data_error(request: Request, exc: DataError) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"detail": [{"loc": ["body"], "msg": str(exc),
-                                                                  "type": "value_error"}]})
 
     @app.exception_handler(NoModelError)
     async def no_model(request: Request, exc: NoModelError) -> JSONResponse:
