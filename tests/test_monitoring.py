@@ -155,6 +155,20 @@ def test_labels_arrive_later_and_unknown_rides_are_kept(world: dict, tmp_path: P
     assert kept_labels["no-such-ride"] == 12.0 and kept_labels[rides["ride_id"].iloc[0]] == 11.0
 
 
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_a_ride_labelled_twice_in_one_call_keeps_its_last_label(store: str, tmp_path: Path,
+                                                                 postgres_database) -> None:
+    # On PostgreSQL one upsert may not touch a row twice: this was a 503 "store unavailable, retry" for ever.
+    engine = connect(f"sqlite:///{tmp_path / 'store.db'}" if store == "sqlite" else postgres_database())
+    outcome = record_labels(engine, [{"ride_id": "twice", "actual_duration": 3.0},
+                                     {"ride_id": "once", "actual_duration": 5.0},
+                                     {"ride_id": "twice", "actual_duration": 4.0}], "api")
+    with engine.connect() as conn:
+        stored = dict(conn.execute(sa.select(labels.c.ride_id, labels.c.actual_duration)).all())
+    engine.dispose()
+    assert outcome == {"stored": 2, "unknown": ["twice", "once"]} and stored == {"twice": 4.0, "once": 5.0}
+
+
 class _Receiver(http.server.BaseHTTPRequestHandler):
     received: list = []
 

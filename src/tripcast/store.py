@@ -167,9 +167,11 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def upsert(conn: Connection, table: Table, rows: Iterable[dict], keys: list[str]) -> int:
-    """Insert rows, replacing those with the same ``keys`` (SQLite and PostgreSQL)."""
+    """Insert rows, replacing those with the same ``keys`` (SQLite and PostgreSQL); returns how many keys."""
     insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    rows = list(rows)
+    # One row per key, the last one, as separate statements would leave it: PostgreSQL refuses a statement
+    # that touches a row twice ("ON CONFLICT DO UPDATE command cannot affect row a second time").
+    rows = list({tuple(row[k] for k in keys): row for row in rows}.values())
     if not rows:
         return 0
     chunk = 30_000 // len(rows[0])  # both databases cap the bound parameters of one statement
@@ -236,12 +238,12 @@ def record_labels(engine: Engine, rows: list[dict], source: str) -> dict:
     now = datetime.now(UTC).replace(tzinfo=None)
     rows = [{"ride_id": r["ride_id"], "actual_duration": r.get("actual_duration"),
              "dropoff_datetime": r.get("dropoff_datetime"), "received_at": now, "source": source} for r in rows]
-    ids = [r["ride_id"] for r in rows]
+    ids = list(dict.fromkeys(r["ride_id"] for r in rows))  # a ride labelled twice is stored (and counted) once
     known: set[str] = set()
     with engine.begin() as conn:
-        upsert(conn, labels, rows, ["ride_id"])
+        stored = upsert(conn, labels, rows, ["ride_id"])
         for i in range(0, len(ids), 10_000):
             part = ids[i:i + 10_000]
             known.update(conn.execute(select(predictions.c.ride_id).where(predictions.c.ride_id.in_(part)))
                          .scalars())
-    return {"stored": len(rows), "unknown": [i for i in ids if i not in known]}
+    return {"stored": stored, "unknown": [i for i in ids if i not in known]}
