@@ -204,6 +204,19 @@ def test_bad_labels_are_a_422_naming_the_field(server: Server, label: dict, fiel
     assert field in [loc for error in response.json()["detail"] for loc in error["loc"]]
 
 
+def test_a_body_past_the_limit_is_a_413_before_it_is_read_whole(world: dict, server: Server) -> None:
+    limit = max(1 << 20, 2048 * world["settings"].batch_limit)
+    padded = b'{"rides": [' + b" " * limit + b"]}"  # declared length over the limit
+    response = httpx.post(f"{server.url}/predict/batch", content=padded, timeout=30,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413 and f"the limit is {limit:,}" in response.json()["detail"]
+    chunked = (b" " * 65536 for _ in range(limit // 65536 + 2))  # no declared length: counted as it arrives
+    response = httpx.post(f"{server.url}/predict", content=chunked, timeout=30,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "over the limit" in response.json()["detail"]
+    assert httpx.post(f"{server.url}/predict", json=COURSE_RIDE, timeout=10).status_code == 200  # still serving
+
+
 def test_a_feedback_body_that_is_not_utf8_json_is_a_422(server: Server) -> None:
     response = httpx.post(f"{server.url}/feedback", content=b'{"labels": "\xff\xfe"}',
                           headers={"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"})

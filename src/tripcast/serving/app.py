@@ -102,6 +102,21 @@ class MetricsMiddleware:
             self.metrics.request_latency(path).observe(time.perf_counter() - started)
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused with a 413 past ``limit`` bytes before it is all in memory (a declared
+    length is checked first; a chunked body as it arrives)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body of {int(declared):,} bytes: the limit is {limit:,}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body over the limit of {limit:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def validated(adapter: TypeAdapter, body: bytes):
     """The body, parsed and validated from JSON bytes; otherwise a 422 naming each field (``body.<field>``)."""
     try:
@@ -115,8 +130,9 @@ def json_body(name: str) -> dict:
     the 422 that FastAPI documents only for the bodies it validates."""
     return {"requestBody": {"required": True, "content": {
                 "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}},
-            "responses": {"422": {"description": "Validation Error", "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}}}}}
+            "responses": {"413": {"description": "body too large"},
+                          "422": {"description": "Validation Error", "content": {
+                              "application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}}}}}
 
 
 def document_bodies(app: FastAPI, bodies: dict[str, TypeAdapter]) -> None:
@@ -166,6 +182,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The store's engine is made on first use (in a worker thread), not at start: the store may be down then.
     store_url = settings.resolved_monitoring_uri
     batch = ride_batch(settings.batch_limit)
+    # A full batch is ~1 MB; 2 KB a ride leaves room for long ids and pretty-printed JSON, and bounds the
+    # memory one request can take.
+    max_body = max(1 << 20, 2048 * settings.batch_limit)
     labels = label_batch(settings.batch_limit)
 
     @asynccontextmanager
@@ -204,7 +223,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/predict", response_model=Prediction, openapi_extra=json_body("Ride"),
               responses={503: {"description": "no model loaded"}})
     async def predict(request: Request) -> Response:
-        result, rows = scorer.one(validated(RIDE, await request.body()))
+        result, rows = scorer.one(validated(RIDE, await read_body(request, max_body)))
         predlog.put(rows)
         return Response(orjson.dumps(result), media_type="application/json",
                         headers={"X-Model-Version": result["model"]["version"]})
@@ -212,7 +231,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/predict/batch", response_model=BatchPrediction, openapi_extra=json_body("RideBatch"),
               responses={503: {"description": "no model loaded"}})
     async def predict_batch(request: Request) -> Response:
-        results, rows = scorer.many(validated(batch, await request.body())["rides"])
+        results, rows = scorer.many(validated(batch, await read_body(request, max_body))["rides"])
         predlog.put(rows)
         versions = ",".join(sorted({r["model"]["version"] for r in results}))
         return Response(orjson.dumps({"predictions": results}), media_type="application/json",
@@ -288,7 +307,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def feedback(request: Request) -> dict:
         """Actual durations (or drop-off times) of served rides, matched to logged predictions by ride_id.
         Labels for ride_ids with no logged prediction (yet) are kept and reported as ``unknown``."""
-        rows = [label.row() for label in validated(labels, await request.body()).labels]
+        rows = [label.row() for label in validated(labels, await read_body(request, max_body)).labels]
         try:
             result = await run_in_threadpool(lambda: record_labels(shared(store_url), rows, "api"))
         except SQLAlchemyError as exc:
