@@ -146,6 +146,21 @@ def _start_redis(port: int, folder: Path) -> subprocess.Popen:
     raise RuntimeError("redis-server did not start")
 
 
+def test_the_streams_the_consumer_writes_are_capped(client, raw, names, served) -> None:
+    consumer = StreamConsumer(raw, served["holder"], names, block_ms=100, max_len=10)
+    consumer.ensure_group()
+    rides = _events(pd.concat([served["rides"]] * 10))  # 500 events
+    for event in rides:
+        client.xadd(names.input, event)
+    for _ in range(300):
+        client.xadd(names.input, {"ride": "{not json"})
+    _drain(consumer, 800)
+    assert consumer.published == 500 and consumer.dead == 300
+    # Approximate trimming keeps whole nodes of up to 100 entries: far fewer than were written, at least 10.
+    assert 10 <= client.xlen(names.output) <= 200 and 10 <= client.xlen(names.dead_letter) <= 200
+    assert client.xrevrange(names.output, count=1)[0][1]["ride_id"] == "ride-499"  # the newest are kept
+
+
 def test_consumer_survives_a_redis_restart(names, served, tmp_path: Path) -> None:
     port = free_port()
     server = _start_redis(port, tmp_path)

@@ -355,13 +355,15 @@ def stream(
     = "tripcast:predictions",
     dead_letter: Annotated[str, typer.Option(help="Stream for malformed events.")] = "tripcast:dead-letter",
     group: Annotated[str, typer.Option(help="Consumer group.")] = "tripcast",
+    max_len: Annotated[int, typer.Option(help="Entries kept in the output and dead-letter streams (about).",
+                                         min=1)] = 1_000_000,
     verbose: Verbose = False,
 ) -> None:
     """Consume ride events from a Redis Stream and publish predictions (at-least-once)."""
     settings = _settings(verbose)
     from tripcast.streaming import StreamNames, run_consumer
 
-    run_consumer(settings, redis_url, StreamNames(input_stream, output_stream, dead_letter, group))
+    run_consumer(settings, redis_url, StreamNames(input_stream, output_stream, dead_letter, group), max_len=max_len)
 
 
 # --- registry ------------------------------------------------------------------------------------------

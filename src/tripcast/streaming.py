@@ -41,7 +41,7 @@ class StreamNames:
 class StreamConsumer:
     def __init__(self, client: redis.Redis, holder: ModelHolder, names: StreamNames = StreamNames(),
                  consumer: str | None = None, batch: int = 500, block_ms: int = 1000, claim_idle_ms: int = 30_000,
-                 predlog: PredictionLog | None = None) -> None:
+                 predlog: PredictionLog | None = None, max_len: int = 1_000_000) -> None:
         # Events are read as bytes: a client that decodes them would fail on an event that is not UTF-8, every
         # time it is delivered (a poison event); as bytes it is validated, and dead-lettered, like any other.
         if client.get_connection_kwargs().get("decode_responses"):
@@ -51,6 +51,9 @@ class StreamConsumer:
         self.names = names
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
+        # The streams we write are capped (approximately: Redis trims whole nodes, cheaply), or they would grow
+        # until Redis runs out of memory; readers of the predictions have the last ``max_len`` of them.
+        self.max_len = max_len
         self.predlog = predlog
         self.scorer = Scorer(holder, None, TrafficPolicy("champion", 0.0), "stream")
         self.published = self.dead = self.reconnects = self.regrouped = 0
@@ -110,12 +113,14 @@ class StreamConsumer:
                 dead.append((event_id, fields, errors))
         pipe = self.redis.pipeline(transaction=True)
         for event_id, fields, error in dead:
-            pipe.xadd(self.names.dead_letter, {"event_id": event_id, "ride": fields.get(b"ride", b""), "error": error})
+            pipe.xadd(self.names.dead_letter, {"event_id": event_id, "ride": fields.get(b"ride", b""), "error": error},
+                      maxlen=self.max_len, approximate=True)
         results, rows = self.scorer.many(rides) if rides else ([], [])
         for event_id, result in zip(ids, results, strict=True):
             pipe.xadd(self.names.output, {"event_id": event_id, "ride_id": result["ride_id"],
                                           "duration": repr(result["duration"]),
-                                          "model_version": result["model"]["version"]})
+                                          "model_version": result["model"]["version"]},
+                      maxlen=self.max_len, approximate=True)
         # Publish and acknowledge in one MULTI/EXEC: an event is acknowledged only with its output.
         pipe.xack(self.names.input, self.names.group, *[e for e, _ in entries])
         pipe.execute()
@@ -125,7 +130,8 @@ class StreamConsumer:
             self.predlog.put(rows)
 
 
-def run_consumer(settings, redis_url: str, names: StreamNames, stop: threading.Event | None = None) -> None:
+def run_consumer(settings, redis_url: str, names: StreamNames, stop: threading.Event | None = None,
+                 max_len: int = 1_000_000) -> None:
     """The ``tripcast stream`` process: model from the registry alias, predictions logged like the API's."""
     stop = stop or threading.Event()
     try:
@@ -142,7 +148,7 @@ def run_consumer(settings, redis_url: str, names: StreamNames, stop: threading.E
                             settings.log_batch_size, settings.log_flush_seconds)
     watcher.start()
     predlog.start()
-    consumer = StreamConsumer(client, holder, names, predlog=predlog)
+    consumer = StreamConsumer(client, holder, names, predlog=predlog, max_len=max_len)
     log.info("consuming %s as %s/%s", names.input, names.group, consumer.consumer)
     try:
         consumer.run(stop)
