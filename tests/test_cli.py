@@ -51,6 +51,13 @@ def test_bad_input_is_one_clear_line(settings: Settings, args: list[str], messag
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_an_error_in_a_flow_on_the_ephemeral_prefect_server_is_one_line(settings: Settings) -> None:
+    # Without PREFECT_API_URL, Prefect's background senders said "Still processing items" under the error.
+    result = run(["score", "--month", "2021-03", "--to", "2021-01"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: empty month range: 2021-03 is after 2021-01"
+
+
 def test_offline_error_names_the_mirror_setting(settings: Settings) -> None:
     env = {"TRIPCAST_TLC_MIRROR": "", "TRIPCAST_TLC_BASE_URL": "http://127.0.0.1:9/trip-data",
            "TRIPCAST_DOWNLOAD_RETRIES": "1"}

@@ -39,7 +39,10 @@ def _settings(verbose: bool = False) -> Settings:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not verbose:
-        logging.getLogger("prefect").setLevel(logging.CRITICAL)
+        # Prefect's background senders log under their class names, outside "prefect": after a failed flow
+        # they said "Still processing items" under the one-line error.
+        for name in ("prefect", "APILogWorker", "EventsWorker"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     return settings
 
 
