@@ -246,6 +246,48 @@ def test_without_a_model_predictions_are_503_naming_the_alias(world: dict) -> No
         process.wait(timeout=30)
 
 
+def _until(check, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("not in time")
+
+
+def test_an_api_started_before_its_registry_says_so_then_follows_it(world: dict) -> None:
+    # The production profile's registry is an MLflow server: the API must start without it (health up, not
+    # ready, the reason in /ready), then serve the champion once the registry answers.
+    mlflow_port, port = free_port(), free_port()
+    env = os.environ | world["env"] | {"TRIPCAST_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
+    api = subprocess.Popen([sys.executable, "-m", "tripcast", "serve", "--port", str(port)], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url, registry = f"http://127.0.0.1:{port}", None
+    try:
+        started = time.monotonic()
+        _until(lambda: httpx.get(f"{url}/health", timeout=1).status_code == 200)
+        assert time.monotonic() - started < 30  # MLflow's own retries back off for minutes
+        ready = httpx.get(f"{url}/ready")
+        assert ready.status_code == 503 and "did not answer" in ready.json()["last_reload_error"]
+        registry = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--port", str(mlflow_port), "--workers", "1",
+             "--backend-store-uri", world["settings"].resolved_tracking_uri], env=os.environ | world["env"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _until(lambda: httpx.get(f"{url}/ready", timeout=1).status_code == 200, timeout=90)
+        ride = {**COURSE_RIDE, "pickup_datetime": "2021-02-03T08:15:00"}
+        answer = httpx.post(f"{url}/predict", json=ride, timeout=10)
+        expected = world["pipelines"][world["versions"][0]].predict(pd.DataFrame([ride]))[0]
+        assert answer.headers["X-Model-Version"] == world["versions"][0] and answer.json()["duration"] == expected
+    finally:
+        for process in (api, registry):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=30)
+
+
 def test_admin_needs_the_token(server: Server) -> None:
     assert httpx.post(f"{server.url}/admin/reload").status_code == 401
     assert httpx.post(f"{server.url}/admin/reload", headers={"Authorization": "Bearer nope"}).status_code == 403

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from tripcast.config import Settings
 from tripcast.errors import RegistryError
 from tripcast.models import TripDurationPipeline
-from tripcast.tracking import configure
+from tripcast.tracking import mlflow_client
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
@@ -75,7 +75,7 @@ class Registry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.name = settings.model_name
-        self.client: MlflowClient = configure(settings)
+        self.client: MlflowClient = mlflow_client(settings)
 
     # --- reading -------------------------------------------------------------------------------------
     def version(self, version: str | int) -> ModelVersion:
@@ -94,10 +94,15 @@ class Registry:
         return None if mv is None else str(mv.version)
 
     def by_alias(self, alias: str) -> ModelVersion | None:
+        """The version behind ``alias``; None if the alias (or the model) does not exist. A registry that does
+        not answer is an error, not "no version": serving must say it cannot see the registry."""
         try:
             return self.client.get_model_version_by_alias(self.name, alias)
-        except MlflowException:
-            return None
+        except MlflowException as exc:
+            if exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+                return None
+            # Not the store's URL: it may hold a password, and /ready shows this message to anyone.
+            raise RegistryError(f"the registry did not answer: {str(exc)[:300]}") from None
 
     def versions(self) -> list[ModelVersion]:
         found = self.client.search_model_versions(f"name = '{self.name}'")

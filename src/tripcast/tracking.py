@@ -13,15 +13,21 @@ import tripcast
 from tripcast.config import Settings
 
 
-def configure(settings: Settings) -> MlflowClient:
-    """Set tracking and registry URIs and make sure the experiment exists; returns a client."""
+def mlflow_client(settings: Settings) -> MlflowClient:
+    """Set tracking and registry URIs; returns a client. No request yet: the store may be down (serving starts
+    anyway, and says so)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not settings.tracking_uri:
         settings.mlflow_dir.mkdir(parents=True, exist_ok=True)
     uri = settings.resolved_tracking_uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def configure(settings: Settings) -> MlflowClient:
+    """``mlflow_client``, and the experiment that runs are logged to, made if it does not exist yet."""
+    client = mlflow_client(settings)
     if client.get_experiment_by_name(settings.experiment) is None:
         client.create_experiment(settings.experiment, artifact_location=settings.artifact_location)
     mlflow.set_experiment(settings.experiment)

@@ -7,6 +7,7 @@ model they started with. A failed load leaves the old model serving and is repor
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +20,9 @@ from tripcast.models import TripDurationPipeline
 from tripcast.registry import Registry
 
 log = logging.getLogger(__name__)
+# The watcher asks the registry again every poll, so MLflow's own retries (7 of them, backing off up to two
+# minutes) would only keep a process that cannot see its registry from starting, and from saying so.
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 WARM_RIDES = pd.DataFrame({"PULocationID": [130, 74], "DOLocationID": [205, 75], "trip_distance": [3.7, 1.2],
                            "pickup_datetime": ["2021-02-01T08:30:00", "2021-02-06T13:15:00"]})
 
@@ -53,6 +57,8 @@ class ModelHolder:
         self.reloads = 0
         self.failures = 0
         self._lock = threading.Lock()  # one refresh at a time (watcher and /admin/reload)
+        for key, value in FAIL_FAST.items():
+            os.environ.setdefault(key, value)
 
     def refresh(self) -> bool:
         """Load the version the alias points at, if it changed. True if a new model is now served."""
