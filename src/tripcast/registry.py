@@ -102,7 +102,7 @@ class Registry:
             if exc.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
                 return None
             # Not the store's URL: it may hold a password, and /ready shows this message to anyone.
-            raise RegistryError(f"the registry did not answer: {str(exc)[:300]}") from None
+            raise RegistryError(f"could not read the alias {alias!r} from the registry: {str(exc)[:300]}") from None
 
     def versions(self) -> list[ModelVersion]:
         found = self.client.search_model_versions(f"name = '{self.name}'")
