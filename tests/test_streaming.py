@@ -24,7 +24,7 @@ from tripcast.rehearsal import free_port
 from tripcast.serving.holder import ModelHolder
 from tripcast.serving.predlog import PredictionLog
 from tripcast.store import connect, predictions
-from tripcast.streaming import StreamConsumer, StreamNames
+from tripcast.streaming import StreamConsumer, StreamNames, run_consumer
 
 pytestmark = pytest.mark.slow
 
@@ -159,6 +159,29 @@ def test_the_streams_the_consumer_writes_are_capped(client, raw, names, served) 
     # Approximate trimming keeps whole nodes of up to 100 entries: far fewer than were written, at least 10.
     assert 10 <= client.xlen(names.output) <= 200 and 10 <= client.xlen(names.dead_letter) <= 200
     assert client.xrevrange(names.output, count=1)[0][1]["ride_id"] == "ride-499"  # the newest are kept
+
+
+def test_the_stream_process_waits_for_a_champion_then_consumes(client, names, settings: Settings) -> None:
+    # In the production profile the consumer starts before the first training run: it waits, then serves.
+    stop = threading.Event()
+    worker = threading.Thread(target=run_consumer, daemon=True, args=(
+        settings.with_overrides(poll_seconds=0.2, log_flush_seconds=0.1), "redis://127.0.0.1:6379/0", names, stop))
+    worker.start()
+    try:
+        event = _events(training.read_month_data("green", "2021-02", settings).rides.head(1))[0]
+        client.xadd(names.input, event)
+        time.sleep(1.0)
+        assert worker.is_alive() and client.xlen(names.output) == 0  # no model yet: nothing consumed
+        months = [training.read_month_data("green", m, settings) for m in ("2021-01", "2021-02")]
+        result = training.train(months[0], months[1], "baseline", settings)
+        registry = Registry(settings)
+        registry.apply(registry.register(result.model_uri, result.run_id).version, decide(1.0, None, 2.0, 0.01))
+        _wait(lambda: client.xlen(names.output) == 1)
+        assert client.xrange(names.output)[0][1]["ride_id"] == "ride-0"
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+    assert not worker.is_alive()
 
 
 def test_consumer_survives_a_redis_restart(names, served, tmp_path: Path) -> None:

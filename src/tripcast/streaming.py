@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import redis
 from pydantic import ValidationError
 
-from tripcast.errors import RegistryError, TripcastError
+from tripcast.errors import TripcastError
 from tripcast.registry import Registry
 from tripcast.serving.holder import AliasWatcher, ModelHolder
 from tripcast.serving.predlog import PredictionLog
@@ -139,10 +139,15 @@ def run_consumer(settings, redis_url: str, names: StreamNames, stop: threading.E
     except ValueError as exc:
         raise TripcastError(f"Redis URL {redis_url!r}: {exc}") from None
     holder = ModelHolder(Registry(settings), settings.serve_alias)
+    # Like the API, wait for a model rather than exit: in the production profile this service starts before
+    # the first training run, or before the registry answers.
     holder.refresh()
-    if holder.current is None:
-        raise RegistryError(f"the registry has no {settings.serve_alias!r} version to serve"
-                            + (f" ({holder.last_error})" if holder.last_error else ""))
+    while holder.current is None:
+        log.warning("no %r version to serve yet (%s); asking the registry again in %g s", settings.serve_alias,
+                    holder.last_error or "none registered", settings.poll_seconds)
+        if stop.wait(settings.poll_seconds):
+            return
+        holder.refresh()
     watcher = AliasWatcher([holder], settings.poll_seconds)
     predlog = PredictionLog(settings.resolved_monitoring_uri, settings.spool_dir, settings.log_queue_size,
                             settings.log_batch_size, settings.log_flush_seconds)
