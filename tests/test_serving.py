@@ -289,6 +289,32 @@ def test_an_api_started_before_its_registry_says_so_then_follows_it(world: dict)
                 process.wait(timeout=30)
 
 
+def test_metrics_of_several_workers_add_up_whichever_answers_the_scrape(world: dict) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    api = subprocess.Popen([sys.executable, "-m", "tripcast", "serve", "--port", str(port), "--workers", "2"],
+                           env=os.environ | world["env"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _until(lambda: httpx.get(f"{url}/ready", timeout=1).status_code == 200, timeout=90)
+        rides = [{**COURSE_RIDE, "ride_id": f"workers-{i}"} for i in range(300)]
+        with ThreadPoolExecutor(8) as pool:  # a new connection each: the kernel spreads them over both workers
+            codes = list(pool.map(lambda r: httpx.post(f"{url}/predict", json=r, timeout=10).status_code, rides))
+        assert codes == [200] * 300
+        for _ in range(6):  # each scrape lands on either worker, and must count both
+            families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+            served = {s.labels["status"]: s.value for s in families["tripcast_requests"].samples
+                      if s.name == "tripcast_requests_total" and s.labels["path"] == "/predict"}
+            predicted = sum(s.value for s in families["tripcast_predictions"].samples
+                            if s.name == "tripcast_predictions_total")
+            assert served == {"200": 300.0} and predicted == 300.0
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
+    assert "Traceback" not in api.stderr.read().decode()
+
+
 def test_admin_needs_the_token(server: Server) -> None:
     assert httpx.post(f"{server.url}/admin/reload").status_code == 401
     assert httpx.post(f"{server.url}/admin/reload", headers={"Authorization": "Bearer nope"}).status_code == 403

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from typing import Annotated, Any
 
 import typer
@@ -343,10 +345,20 @@ def serve(
     _settings(verbose)
     import uvicorn
 
+    shared_metrics = None
+    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Each worker counts what it serves; in files here (prometheus_client's multiprocess mode), a scrape of
+        # /metrics adds them all up, whichever worker answers it.
+        shared_metrics = tempfile.mkdtemp(prefix="tripcast-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared_metrics
     typer.echo(f"serving http://{host}:{port} ({workers} worker{'s' * (workers > 1)}; API docs at /docs); "
                "Ctrl-C stops it")
-    uvicorn.run("tripcast.serving.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level="info" if verbose else "warning", access_log=verbose)
+    try:
+        uvicorn.run("tripcast.serving.app:create_app", factory=True, host=host, port=port, workers=workers,
+                    log_level="info" if verbose else "warning", access_log=verbose)
+    finally:
+        if shared_metrics:
+            shutil.rmtree(shared_metrics, ignore_errors=True)
 
 
 @app.command()

@@ -5,6 +5,7 @@ Run with ``tripcast serve`` (uvicorn). The model is always resolved from the reg
 
 import functools
 import gc
+import os
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -16,7 +17,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import validation_error_definition, validation_error_response_definition
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -29,6 +38,8 @@ from tripcast.serving.schemas import RIDE, label_batch, log_features, ride_batch
 from tripcast.serving.scoring import NoModelError, Scorer
 from tripcast.serving.traffic import TrafficPolicy
 from tripcast.store import record_labels, shared
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's setting: where worker processes share metrics
 
 
 class ModelRef(BaseModel):
@@ -49,25 +60,41 @@ class BatchPrediction(BaseModel):
 
 
 class Metrics:
+    """The API's Prometheus metrics. With several worker processes (``PROMETHEUS_MULTIPROC_DIR``, set by
+    ``tripcast serve --workers N``) each process writes its figures to files and a scrape, whichever worker
+    answers it, adds them up; the gauges' modes say how (ignored with one process)."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.multiprocess = MULTIPROCESS_DIR in os.environ
+        if self.multiprocess:
+            self.exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.exposed)
+        else:
+            self.exposed = self.registry
         self.requests = Counter("tripcast_requests", "HTTP requests", ["path", "status"], registry=r)
         self.latency = Histogram("tripcast_request_seconds", "Request latency", ["path"], registry=r,
                                  buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
         self.predictions = Counter("tripcast_predictions", "Rides predicted", ["version", "arm"], registry=r)
-        self.queue_depth = Gauge("tripcast_log_queue_depth", "Predictions waiting to be logged", registry=r)
-        self.logs_dropped = Gauge("tripcast_log_dropped", "Predictions not logged (queue full)", registry=r)
+        self.queue_depth = Gauge("tripcast_log_queue_depth", "Predictions waiting to be logged", registry=r,
+                                 multiprocess_mode="livesum")
+        self.logs_dropped = Gauge("tripcast_log_dropped", "Predictions not logged (queue full)", registry=r,
+                                  multiprocess_mode="sum")
         self.logs_spooled = Gauge("tripcast_log_spooled", "Predictions spooled while the store was down",
-                                  registry=r)
-        self.logs_written = Gauge("tripcast_log_written", "Predictions written to the store", registry=r)
+                                  registry=r, multiprocess_mode="sum")
+        self.logs_written = Gauge("tripcast_log_written", "Predictions written to the store", registry=r,
+                                  multiprocess_mode="sum")
         self.store_up = Gauge("tripcast_log_store_up", "1 if the monitoring store accepted the last write",
-                              registry=r)
-        self.reloads = Gauge("tripcast_model_reloads", "Model versions loaded", ["alias"], registry=r)
-        self.reload_failures = Gauge("tripcast_model_reload_failures", "Failed model loads", ["alias"], registry=r)
-        self.served_version = Gauge("tripcast_served_version", "Version served per alias", ["alias"], registry=r)
+                              registry=r, multiprocess_mode="livemin")
+        self.reloads = Gauge("tripcast_model_reloads", "Model versions loaded", ["alias"], registry=r,
+                             multiprocess_mode="sum")
+        self.reload_failures = Gauge("tripcast_model_reload_failures", "Failed model loads", ["alias"], registry=r,
+                                     multiprocess_mode="sum")
+        self.served_version = Gauge("tripcast_served_version", "Version served per alias (the oldest any worker "
+                                    "serves)", ["alias"], registry=r, multiprocess_mode="livemin")
         self.monitoring = Gauge("tripcast_monitoring", "Latest monitoring window's figures", ["metric", "version"],
-                                registry=r)
+                                registry=r, multiprocess_mode="livemostrecent")
         # Labelled children, looked up once per label set: ``labels()`` costs more than ``inc()`` per request.
         self.request_count = functools.cache(lambda path, status: self.requests.labels(path, str(status)))
         self.request_latency = functools.cache(lambda path: self.latency.labels(path))
@@ -200,6 +227,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         watcher.stop()
         await run_in_threadpool(predlog.stop)
+        if metrics.multiprocess:  # this worker's "live" gauges leave the sums
+            multiprocess.mark_process_dead(os.getpid())
 
     app = FastAPI(title="tripcast", version="1", lifespan=lifespan,
                   description="NYC taxi trip duration predictions from the MLflow registry's champion.")
@@ -274,7 +303,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             latest = await run_in_threadpool(lambda: dashboard.latest(shared(store_url), settings.window))
         except SQLAlchemyError:
             latest = []
-        metrics.monitoring.clear()
+        if not metrics.multiprocess:  # prometheus_client cannot clear labels across processes
+            metrics.monitoring.clear()
         for row in latest:
             if row["value"] is not None:
                 metrics.monitoring.labels(row["metric"], row["model_version"]).set(row["value"])
@@ -282,7 +312,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.reloads.labels(holder.alias).set(holder.reloads)
             metrics.reload_failures.labels(holder.alias).set(holder.failures)
             metrics.served_version.labels(holder.alias).set(int(holder.current.version) if holder.current else 0)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(metrics.exposed), media_type=CONTENT_TYPE_LATEST)
 
     def admin(authorization: Annotated[str | None, Header()] = None) -> None:
         if not settings.admin_token:
