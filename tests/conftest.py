@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,19 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 from tripcast.config import Settings  # noqa: E402
+
+
+def eventually(check: Callable[[], bool], timeout: float = 15, ignoring: tuple[type[Exception], ...] = ()) -> None:
+    """Poll ``check`` until it holds (an ``ignoring`` error counts as not yet); fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except ignoring:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"not true within {timeout} s")
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from conftest import eventually
 from pydantic import ValidationError
 
 from tripcast import training
@@ -230,13 +231,7 @@ def test_without_a_model_predictions_are_503_naming_the_alias(world: dict) -> No
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        eventually(lambda: httpx.get(f"{url}/health", timeout=1).status_code == 200, 60, (httpx.TransportError,))
         assert httpx.get(f"{url}/ready").status_code == 503
         for path, body in (("/predict", COURSE_RIDE), ("/predict/batch", {"rides": [COURSE_RIDE]})):
             response = httpx.post(f"{url}{path}", json=body)
@@ -246,16 +241,6 @@ def test_without_a_model_predictions_are_503_naming_the_alias(world: dict) -> No
         process.wait(timeout=30)
 
 
-def _until(check, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("not in time")
 
 
 def test_an_api_started_before_its_registry_says_so_then_follows_it(world: dict) -> None:
@@ -268,7 +253,7 @@ def test_an_api_started_before_its_registry_says_so_then_follows_it(world: dict)
     url, registry = f"http://127.0.0.1:{port}", None
     try:
         started = time.monotonic()
-        _until(lambda: httpx.get(f"{url}/health", timeout=1).status_code == 200)
+        eventually(lambda: httpx.get(f"{url}/health", timeout=1).status_code == 200, 60, (httpx.TransportError,))
         assert time.monotonic() - started < 30  # MLflow's own retries back off for minutes
         ready = httpx.get(f"{url}/ready")
         reason = ready.json()["last_reload_error"]
@@ -277,7 +262,7 @@ def test_an_api_started_before_its_registry_says_so_then_follows_it(world: dict)
             [str(Path(sys.executable).with_name("mlflow")), "server", "--port", str(mlflow_port), "--workers", "1",
              "--backend-store-uri", world["settings"].resolved_tracking_uri], env=os.environ | world["env"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _until(lambda: httpx.get(f"{url}/ready", timeout=1).status_code == 200, timeout=90)
+        eventually(lambda: httpx.get(f"{url}/ready", timeout=1).status_code == 200, 90, (httpx.TransportError,))
         ride = {**COURSE_RIDE, "pickup_datetime": "2021-02-03T08:15:00"}
         answer = httpx.post(f"{url}/predict", json=ride, timeout=10)
         expected = world["pipelines"][world["versions"][0]].predict(pd.DataFrame([ride]))[0]
@@ -297,7 +282,7 @@ def test_metrics_of_several_workers_add_up_whichever_answers_the_scrape(world: d
                            env=os.environ | world["env"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        _until(lambda: httpx.get(f"{url}/ready", timeout=1).status_code == 200, timeout=90)
+        eventually(lambda: httpx.get(f"{url}/ready", timeout=1).status_code == 200, 90, (httpx.TransportError,))
         rides = [{**COURSE_RIDE, "ride_id": f"workers-{i}"} for i in range(300)]
         with ThreadPoolExecutor(8) as pool:  # a new connection each: the kernel spreads them over both workers
             codes = list(pool.map(lambda r: httpx.post(f"{url}/predict", json=r, timeout=10).status_code, rides))

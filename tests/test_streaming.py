@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import redis
 import sqlalchemy as sa
+from conftest import eventually
 
 from tripcast import training
 from tripcast.config import Settings
@@ -176,7 +177,7 @@ def test_the_stream_process_waits_for_a_champion_then_consumes(client, names, se
         result = training.train(months[0], months[1], "baseline", settings)
         registry = Registry(settings)
         registry.apply(registry.register(result.model_uri, result.run_id).version, decide(1.0, None, 2.0, 0.01))
-        _wait(lambda: client.xlen(names.output) == 1)
+        eventually(lambda: client.xlen(names.output) == 1, ignoring=(redis.ConnectionError,))
         assert client.xrange(names.output)[0][1]["ride_id"] == "ride-0"
     finally:
         stop.set()
@@ -196,7 +197,7 @@ def test_consumer_survives_a_redis_restart(names, served, tmp_path: Path) -> Non
     try:
         for event in events[:10]:
             client.xadd(names.input, event)
-        _wait(lambda: client.xlen(names.output) == 10)
+        eventually(lambda: client.xlen(names.output) == 10, ignoring=(redis.ConnectionError,))
         server.terminate()
         server.wait(timeout=10)
         with pytest.raises(redis.ConnectionError):
@@ -205,7 +206,7 @@ def test_consumer_survives_a_redis_restart(names, served, tmp_path: Path) -> Non
         server = _start_redis(port, tmp_path)
         for event in events[10:]:
             client.xadd(names.input, event)
-        _wait(lambda: client.xlen(names.output) == 20)
+        eventually(lambda: client.xlen(names.output) == 20, ignoring=(redis.ConnectionError,))
         assert worker.is_alive()
         assert client.xpending(names.input, names.group)["pending"] == 0
     finally:
@@ -225,11 +226,11 @@ def test_consumer_recreates_its_group_when_redis_lost_its_data(client, raw, name
     events = _events(served["rides"].head(10))
     try:
         client.xadd(names.input, events[0])
-        _wait(lambda: client.xlen(names.output) == 1)
+        eventually(lambda: client.xlen(names.output) == 1, ignoring=(redis.ConnectionError,))
         client.delete(names.input)  # the stream and its group are gone
         time.sleep(0.3)  # the consumer meets NOGROUP
         ids = [client.xadd(names.input, event) for event in events[1:]]
-        _wait(lambda: client.xlen(names.output) == 10)
+        eventually(lambda: client.xlen(names.output) == 10, ignoring=(redis.ConnectionError,))
         assert worker.is_alive() and consumer.regrouped >= 1
         assert [f["event_id"] for _, f in client.xrange(names.output)][1:] == ids
         assert client.xpending(names.input, names.group)["pending"] == 0
@@ -238,13 +239,3 @@ def test_consumer_recreates_its_group_when_redis_lost_its_data(client, raw, name
         worker.join(timeout=10)
 
 
-def _wait(condition, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except redis.ConnectionError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
