@@ -1,46 +1,85 @@
-"""The production profile's files, checked where they can be without Docker: the MLflow server as compose.yaml
-configures it, started for real, answers the services that call it by name."""
+"""The production profile as compose.yaml describes it, checked where it can be without Docker: its MLflow
+server (PostgreSQL backend, artifacts served by the server), started for real with compose.yaml's settings."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import mlflow
+import pytest
 import yaml
 from conftest import eventually
 
+from tripcast import training
+from tripcast.config import Settings
+from tripcast.registry import CHAMPION, Registry
 from tripcast.rehearsal import free_port
 
-COMPOSE = Path(__file__).parents[1] / "compose.yaml"
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+
+SERVICES = yaml.safe_load((Path(__file__).parents[1] / "compose.yaml").read_text())["services"]
 
 
-def test_the_compose_mlflow_server_answers_the_services_by_name(tmp_path: Path) -> None:
-    services = yaml.safe_load(COMPOSE.read_text())["services"]
-    mlflow_env = {k: str(v) for k, v in services["mlflow"].get("environment", {}).items()}
-    published = services["mlflow"]["ports"][0].split(":")[0]
-    callers = {urlsplit(services[name]["environment"]["TRIPCAST_TRACKING_URI"]).netloc
-               for name in ("api", "automation", "stream")}
+@pytest.fixture(scope="module")
+def compose_mlflow(postgres_database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """compose.yaml's MLflow server on a free port: its environment, a fresh PostgreSQL backend and an
+    artifact folder of its own. Yields its URL and that folder."""
+    artifacts = tmp_path_factory.mktemp("mlartifacts")
+    backend = postgres_database().replace("postgresql://", "postgresql+psycopg://")
     port = free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-        env=os.environ | mlflow_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    search = f"http://127.0.0.1:{port}/api/2.0/mlflow/registered-models/search"
-
-    def status(host: str) -> int:
-        return httpx.get(search, headers={"Host": host}, timeout=5).status_code
-
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", backend, "--artifacts-destination", str(artifacts),
+         "--serve-artifacts"],
+        env=os.environ | {k: str(v) for k, v in SERVICES["mlflow"].get("environment", {}).items()},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
     try:
-        eventually(lambda: status(f"127.0.0.1:{port}") == 200, 90, (httpx.TransportError,))
-        # The services (by name) and a browser on the published port are let in...
-        assert {host: status(host) for host in callers | {f"localhost:{published}"}} == dict.fromkeys(
-            callers | {f"localhost:{published}"}, 200)
-        # ...and the DNS-rebinding protection is still on for any other name.
-        assert status("attacker.example:5000") == 403
+        eventually(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, 120, (httpx.TransportError,))
+        yield url, artifacts
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_mlflow_server_answers_the_services_by_name(compose_mlflow: tuple[str, Path]) -> None:
+    url, _ = compose_mlflow
+    callers = {urlsplit(SERVICES[name]["environment"]["TRIPCAST_TRACKING_URI"]).netloc
+               for name in ("api", "automation", "stream")}
+    browser = f"localhost:{SERVICES['mlflow']['ports'][0].split(':')[0]}"  # the published port
+
+    def status(host: str) -> int:
+        return httpx.get(f"{url}/api/2.0/mlflow/registered-models/search", headers={"Host": host},
+                         timeout=5).status_code
+
+    assert {host: status(host) for host in callers | {browser}} == dict.fromkeys(callers | {browser}, 200)
+    assert status("attacker.example:5000") == 403  # the DNS-rebinding protection is still on
+
+
+def test_training_through_the_server_keeps_the_model_on_the_server(compose_mlflow: tuple[str, Path],
+                                                                   settings: Settings, tmp_path: Path) -> None:
+    url, artifacts = compose_mlflow
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_LOGGING_LEVEL")} | {"TRIPCAST_TRACKING_URI": url}
+    result = subprocess.run([sys.executable, "-m", "tripcast", "train", "--train-month", "2021-01",
+                             "--val-month", "2021-02"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    # The model, its plots and its monitoring reference are in the server's artifact folder; nothing of
+    # MLflow's is left on the machine that trained (a `docker compose run --rm` container).
+    assert {p.name for p in artifacts.rglob("*") if p.is_dir()} >= {"plots", "reference"}
+    assert any(artifacts.rglob("lightgbm.txt"))
+    assert not settings.mlflow_dir.exists()
+
+    # The champion, read back through the server, scores the validation month as training measured it.
+    registry = Registry(settings.with_overrides(tracking_uri=url))
+    version, pipeline = registry.load_pipeline(CHAMPION)
+    logged = registry.client.get_run(version.run_id).data.metrics["val_rmse"]
+    measured = training.evaluate(pipeline, training.read_month_data("green", "2021-02", settings))["rmse"]
+    assert measured == pytest.approx(logged, rel=1e-9)
+    mlflow.set_tracking_uri(None)
