@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from conftest import eventually
 
 from tripcast.config import Settings
 
@@ -92,3 +94,21 @@ def test_an_error_inside_the_flow_is_still_one_line(settings: Settings, prefect_
     assert result.returncode == 2
     assert "no green file for 2021-05" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_schedule_serves_its_deployments_without_a_line_per_poll(settings: Settings, prefect_server: str,
+                                                                  tmp_path: Path) -> None:
+    output = tmp_path / "schedule.log"
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_LOGGING_LEVEL")} | {
+        "PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    with output.open("w") as sink:
+        schedule = subprocess.Popen(TRIPCAST + ["schedule"], stdout=sink, stderr=subprocess.STDOUT, env=env)
+    try:
+        eventually(lambda: "being served" in output.read_text(), 60)
+        time.sleep(4)  # four polls of the Prefect server
+    finally:
+        schedule.terminate()
+        schedule.wait(timeout=30)
+    text = output.read_text()
+    assert "monitor/monitor" in text and "train/monthly-retrain" in text
+    assert "HTTP Request" not in text and "Traceback" not in text

@@ -40,6 +40,8 @@ def _settings(verbose: bool = False) -> Settings:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "CRITICAL")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    # httpx logs every request at INFO: `tripcast schedule` printed a line per poll of the Prefect server.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if not verbose:
         # Prefect's background senders log under their class names, outside "prefect": after a failed flow
         # they said "Still processing items" under the one-line error.
