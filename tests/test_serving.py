@@ -300,6 +300,39 @@ def test_metrics_of_several_workers_add_up_whichever_answers_the_scrape(world: d
     assert "Traceback" not in api.stderr.read().decode()
 
 
+def test_a_reload_asked_of_one_worker_reaches_every_worker(world: dict, server: Server) -> None:
+    # /admin/reload (a registry webhook) reaches whichever worker answers it; the others must not wait for
+    # their next poll (an hour here) to serve the new champion.
+    old, new = world["versions"]
+    registry: Registry = world["registry"]
+    port = free_port()
+    api = subprocess.Popen([sys.executable, "-m", "tripcast", "serve", "--port", str(port), "--workers", "2"],
+                           env=os.environ | world["env"] | {"TRIPCAST_POLL_SECONDS": "3600"},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+
+    def served() -> set[str]:
+        with ThreadPoolExecutor(8) as pool:  # a new connection each: the kernel spreads them over both workers
+            return set(pool.map(lambda _: httpx.post(f"{url}/predict", json=COURSE_RIDE, timeout=10)
+                                .headers["X-Model-Version"], range(40)))
+
+    try:
+        eventually(lambda: httpx.get(f"{url}/ready", timeout=1).status_code == 200, 90, (httpx.TransportError,))
+        assert served() == {old}
+        assert len({httpx.get(f"{url}/model").json()["worker"] for _ in range(20)}) == 2  # both answer
+        registry.client.set_registered_model_alias(registry.name, CHAMPION, new)
+        reload = httpx.post(f"{url}/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        assert reload.json()[CHAMPION] == {
+            "changed": True, "version": new, "last_reload_error": None}
+        eventually(lambda: served() == {new}, 10)
+    finally:
+        registry.client.set_registered_model_alias(registry.name, CHAMPION, old)
+        api.terminate()
+        api.wait(timeout=30)
+    # The module's server follows the alias back before the next test.
+    eventually(lambda: httpx.get(f"{server.url}/model").json()[CHAMPION]["serving"]["version"] == old, 15)
+
+
 def test_admin_needs_the_token(server: Server) -> None:
     assert httpx.post(f"{server.url}/admin/reload").status_code == 401
     assert httpx.post(f"{server.url}/admin/reload", headers={"Authorization": "Bearer nope"}).status_code == 403

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -347,20 +348,24 @@ def serve(
     _settings(verbose)
     import uvicorn
 
-    shared_metrics = None
-    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        # Each worker counts what it serves; in files here (prometheus_client's multiprocess mode), a scrape of
+    shared = None
+    if workers > 1:
+        # The workers share this folder: a reload asked of one (/admin/reload) reaches all of them, and each
+        # counts what it serves in files here (prometheus_client's multiprocess mode), so that a scrape of
         # /metrics adds them all up, whichever worker answers it.
-        shared_metrics = tempfile.mkdtemp(prefix="tripcast-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared_metrics
+        shared = Path(tempfile.mkdtemp(prefix="tripcast-serve-"))
+        os.environ["TRIPCAST_RELOAD_SIGNAL"] = str(shared / "reload")
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            (shared / "metrics").mkdir()
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared / "metrics")
     typer.echo(f"serving http://{host}:{port} ({workers} worker{'s' * (workers > 1)}; API docs at /docs); "
                "Ctrl-C stops it")
     try:
         uvicorn.run("tripcast.serving.app:create_app", factory=True, host=host, port=port, workers=workers,
                     log_level="info" if verbose else "warning", access_log=verbose)
     finally:
-        if shared_metrics:
-            shutil.rmtree(shared_metrics, ignore_errors=True)
+        if shared:
+            shutil.rmtree(shared, ignore_errors=True)
 
 
 @app.command()

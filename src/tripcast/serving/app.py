@@ -9,6 +9,7 @@ import os
 import secrets
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated
 
 import orjson
@@ -40,6 +41,7 @@ from tripcast.serving.traffic import TrafficPolicy
 from tripcast.store import record_labels, shared
 
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's setting: where worker processes share metrics
+RELOAD_SIGNAL = "TRIPCAST_RELOAD_SIGNAL"  # a file the workers of one `tripcast serve` share (AliasWatcher)
 
 
 class ModelRef(BaseModel):
@@ -205,7 +207,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             shadow=shadow_scores if policy.shadow else None)
     scorer = Scorer(champion, challenger, policy, "api",
                     count=lambda version, arm, n: metrics.prediction_count(version, arm).inc(n))
-    watcher = AliasWatcher(holders, settings.poll_seconds)
+    watcher = AliasWatcher(holders, settings.poll_seconds,
+                           Path(os.environ[RELOAD_SIGNAL]) if os.environ.get(RELOAD_SIGNAL) else None)
     # The store's engine is made on first use (in a worker thread), not at start: the store may be down then.
     store_url = settings.resolved_monitoring_uri
     batch = ride_batch(settings.batch_limit)
@@ -286,7 +289,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "reloads": holder.reloads, "reload_failures": holder.failures,
                     "last_reload_error": holder.last_error, "last_check": holder.last_check}
 
-        return {"traffic": {"mode": policy.mode, "challenger_weight": policy.challenger_weight},
+        # With several workers, these are the answering worker's figures (/metrics sums them all).
+        return {"worker": os.getpid(), "traffic": {"mode": policy.mode, "challenger_weight": policy.challenger_weight},
                 "champion": state(champion), "challenger": state(challenger) if challenger else None,
                 "prediction_log": {"queued": predlog.depth, "written": predlog.written,
                                    "spooled": predlog.spooled, "dropped": predlog.dropped,
@@ -326,8 +330,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/admin/reload", dependencies=[Depends(admin)],
               responses={401: {"description": "no token"}, 403: {"description": "wrong token"}})
     async def reload() -> dict:
-        """Check the registry now (e.g. from an MLflow registry webhook) instead of waiting for the poll."""
+        """Check the registry now (e.g. from an MLflow registry webhook) instead of waiting for the poll; with
+        several workers, every worker checks (the one answering reports)."""
         changed = {h.alias: await run_in_threadpool(h.refresh) for h in holders}
+        watcher.announce()  # the other workers check too
         return {alias: {"changed": changed[alias], "version": h.current.version if h.current else None,
                         "last_reload_error": h.last_error} for alias, h in zip(changed, holders, strict=True)}
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 # The watcher asks the registry again every poll, so MLflow's own retries (7 of them, backing off up to two
 # minutes) would only keep a process that cannot see its registry from starting, and from saying so.
 FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+SIGNAL_SECONDS = 0.25  # how often a worker looks for a reload another worker announced
 WARM_RIDES = pd.DataFrame({"PULocationID": [130, 74], "DOLocationID": [205, 75], "trip_distance": [3.7, 1.2],
                            "pickup_datetime": ["2021-02-01T08:30:00", "2021-02-06T13:15:00"]})
 
@@ -98,13 +102,35 @@ class ModelHolder:
 
 
 class AliasWatcher:
-    """Polls the registry every ``interval`` seconds in a daemon thread."""
+    """Polls the registry every ``interval`` seconds in a daemon thread.
 
-    def __init__(self, holders: list[ModelHolder], interval: float) -> None:
+    The worker processes of one server share a ``signal`` file: ``announce`` (from ``/admin/reload``, which
+    reaches one worker) writes a new token in it, and every watcher that sees the token change checks the
+    registry at once instead of at its next poll.
+    """
+
+    def __init__(self, holders: list[ModelHolder], interval: float, signal: Path | None = None) -> None:
         self.holders = holders
         self.interval = interval
+        self.signal = signal
+        self._seen = self._token()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="alias-watcher", daemon=True)
+
+    def _token(self) -> str | None:
+        try:
+            return self.signal.read_text() if self.signal else None
+        except OSError:
+            return None
+
+    def announce(self) -> None:
+        """Ask the other workers' watchers to check the registry now (this worker has just checked)."""
+        if self.signal is not None:
+            token = secrets.token_hex(8)
+            part = self.signal.with_name(f".{self.signal.name}.{token}")
+            part.write_text(token)
+            part.replace(self.signal)  # atomic: a watcher never reads half a token
+            self._seen = token
 
     def start(self) -> None:
         self._thread.start()
@@ -114,6 +140,10 @@ class AliasWatcher:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            for holder in self.holders:
-                holder.refresh()
+        due = time.monotonic() + self.interval
+        while not self._stop.wait(min(SIGNAL_SECONDS, self.interval) if self.signal else self.interval):
+            token = self._token()
+            if time.monotonic() >= due or token != self._seen:
+                self._seen, due = token, time.monotonic() + self.interval
+                for holder in self.holders:
+                    holder.refresh()
