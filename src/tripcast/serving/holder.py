@@ -125,12 +125,17 @@ class AliasWatcher:
 
     def announce(self) -> None:
         """Ask the other workers' watchers to check the registry now (this worker has just checked)."""
-        if self.signal is not None:
-            token = secrets.token_hex(8)
-            part = self.signal.with_name(f".{self.signal.name}.{token}")
+        if self.signal is None:
+            return
+        token = secrets.token_hex(8)
+        part = self.signal.with_name(f".{self.signal.name}.{token}")
+        try:
             part.write_text(token)
             part.replace(self.signal)  # atomic: a watcher never reads half a token
-            self._seen = token
+        except OSError as exc:  # the others still follow at their next poll
+            log.warning("could not ask the other workers to check the registry: %s", exc)
+            return
+        self._seen = token
 
     def start(self) -> None:
         self._thread.start()
