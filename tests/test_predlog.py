@@ -4,8 +4,11 @@ vectorised arm (the API's batch path must send a ride where its single path send
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from tripcast.store import (
     log_time,
     log_times,
     predictions,
+    shared,
 )
 
 PICKUPS = [datetime(2021, 3, 1), datetime(2021, 3, 14, 2, 30, 0, 1), datetime(2100, 12, 31, 23, 59, 59, 999999)]
@@ -89,6 +93,46 @@ def test_rows_round_trip_through_postgres(postgres_database) -> None:
     url = postgres_database()
     _round_trip(url)
     _drops_obsolete_indexes(url)
+
+
+# A process that opens the store once its siblings are all ready to (a "go" file): a new store opened at once
+# by API workers, the stream consumer and a flow.
+OPEN_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from tripcast.store import connect
+folder = Path(sys.argv[2])
+(folder / f"ready-{sys.argv[3]}").touch()
+while not (folder / "go").exists():
+    time.sleep(0.001)
+connect(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_processes_opening_a_new_store_at_once_all_succeed(backend: str, tmp_path: Path, postgres_database) -> None:
+    for trial in range(3):  # each used to lose the race to create the tables ~3 times in 4
+        folder = tmp_path / str(trial)
+        folder.mkdir()
+        url = f"sqlite:///{folder / 'store.db'}" if backend == "sqlite" else postgres_database()
+        openers = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, url, str(folder), str(n)],
+                                    stderr=subprocess.PIPE, text=True) for n in range(4)]
+        deadline = time.monotonic() + 60
+        while len(list(folder.glob("ready-*"))) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (folder / "go").touch()
+        errors = [opener.communicate(timeout=60)[1] for opener in openers]
+        assert [opener.returncode for opener in openers] == [0] * 4, errors
+        engine = connect(url, create=False)
+        assert set(sa.inspect(engine).get_table_names()) >= {"predictions", "labels"}
+        engine.dispose()
+
+
+def test_threads_of_one_process_share_one_engine_per_store(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    with ThreadPoolExecutor(8) as pool:  # the API's first requests arrive together
+        engines = list(pool.map(lambda _: shared(url), range(8)))
+    assert all(engine is engines[0] for engine in engines)
 
 
 @pytest.mark.postgres

@@ -6,8 +6,8 @@ window metrics, alerts and automation decisions beside them.
 
 from __future__ import annotations
 
-import functools
 import logging
+import threading
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from itertools import chain
@@ -27,6 +27,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     select,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -60,6 +61,8 @@ predictions = Table(
 
 # Indexes tripcast 0.1 put on ``predictions``: every logged row wrote them, and no query reads them.
 OBSOLETE_INDEXES = ("ix_predictions_logged_at", "ix_predictions_model_version")
+# Held while a process creates the tables (PostgreSQL advisory lock); any number, the same in every process.
+SCHEMA_LOCK = 0x7472697063617374  # "tripcast"
 
 # Ground truth, as it arrives: an actual duration, or a drop-off time (the duration is then taken from the
 # logged pickup). Kept even when no prediction with that ride_id is logged (yet).
@@ -140,7 +143,7 @@ def connect(url: str, create: bool = True) -> Engine:
         # journal; synchronous=NORMAL stays consistent after a crash of the application.
         event.listen(engine, "connect", _sqlite_pragmas)
     if create:
-        metadata.create_all(engine)
+        _create_tables(engine)
         for name in OBSOLETE_INDEXES:  # a store made by an earlier tripcast: indexes nothing reads
             try:
                 with engine.begin() as conn:
@@ -150,10 +153,32 @@ def connect(url: str, create: bool = True) -> Engine:
     return engine
 
 
-@functools.cache
+def _create_tables(engine: Engine) -> None:
+    """Create the tables that are missing. Several processes may open a new store at once (API workers, the
+    stream consumer, a flow): one creates them while the others wait for its commit and then find them;
+    otherwise the losers failed on "already exists" (or, on PostgreSQL, a duplicate key in the catalogue)."""
+    with engine.connect() as conn:
+        if set(metadata.tables) <= set(inspect(conn).get_table_names()):
+            return  # opening an existing store takes no lock
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+        elif conn.dialect.name == "sqlite":  # the write lock first: sqlite3 runs DDL outside any transaction
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        metadata.create_all(conn)
+
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
 def shared(url: str) -> Engine:
-    """One engine, so one connection pool, per store and process (flows and tasks call this many times)."""
-    return connect(url)
+    """One engine, so one connection pool, per store and process (flows and tasks call this many times).
+    Made by one thread: the API's first requests arrive together, and each used to create the tables."""
+    with _engines_lock:
+        if url not in _engines:
+            _engines[url] = connect(url)
+        return _engines[url]
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
