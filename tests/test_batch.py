@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +60,13 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch: pytest.Monke
         batch.write_atomic(pd.DataFrame({"a": [3]}), target)
     assert sorted(p.name for p in target.parent.iterdir()) == ["2021-01.parquet"]
     assert pd.read_parquet(target)["a"].tolist() == [1, 2]  # the previous output is intact
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path: Path) -> None:
+    # Written through a temporary file, but readable as any file the user writes (mkstemp's would be 0600).
+    previous = os.umask(0o022)
+    try:
+        target = batch.write_atomic(pd.DataFrame({"a": [1]}), tmp_path / "2021-01.parquet")
+    finally:
+        os.umask(previous)
+    assert target.stat().st_mode & 0o777 == 0o644

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -66,7 +67,12 @@ def test_fhv_and_yellow_column_spellings_are_mapped(settings: Settings, tmp_path
 
 def test_file_url_mirror_and_cache(settings: Settings, tlc_mirror: Path) -> None:
     local = settings.with_overrides(tlc_mirror=tlc_mirror.as_uri())
-    path = tlc.fetch("green", "2021-02", local)
+    previous = os.umask(0o022)
+    try:
+        path = tlc.fetch("green", "2021-02", local)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644  # as any file the user writes, not mkstemp's 0600
     assert path == tlc.cache_path("green", "2021-02", local) and path.read_bytes() == (
         tlc_mirror / "green_tripdata_2021-02.parquet").read_bytes()
     before = path.stat().st_mtime_ns

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pandas as pd
 from tripcast import features as feats
 from tripcast.config import Settings
 from tripcast.data import tlc
+from tripcast.files import atomic_path
 from tripcast.models import TripDurationPipeline
 
 OUTPUT_COLUMNS = ["ride_id", "pickup_datetime", "PULocationID", "DOLocationID", "trip_distance",
@@ -44,13 +43,7 @@ def scorable_month(color: str, month: tlc.Month, settings: Settings) -> tuple[pd
 
 
 def write_atomic(frame: pd.DataFrame, path: Path) -> Path:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
+    """Write the frame as parquet, whole or not at all."""
+    with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path

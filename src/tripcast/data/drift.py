@@ -9,8 +9,6 @@ such files can stand in for the TLC address (``TRIPCAST_TLC_MIRROR``) and a drif
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import pyarrow.parquet as pq
 from tripcast.config import Settings
 from tripcast.data import tlc
 from tripcast.errors import DataError
+from tripcast.files import atomic_path
 
 DRIFTS = {"slower-traffic": 1.5, "longer-distances": 1.6, "zone-shift": 20}  # kind: default strength
 REAL_ZONES = np.arange(1, 264)  # 264/265 are "unknown": left alone
@@ -70,13 +69,7 @@ def inject(color: str, month: str | tlc.Month, kind: str, settings: Settings, ou
         original = table[raw[canonical]]
         array = pa.array(values, mask=original.is_null().to_numpy(zero_copy_only=False))
         table = table.set_column(index, field, pc.cast(array, field.type, safe=False))
-    out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / tlc.file_name(color, month)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{target.name}.", suffix=".part")
-    os.close(fd)
-    try:
+    with atomic_path(target) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return target

@@ -7,10 +7,8 @@ and only then renamed into place, so the cache never holds a partial or corrupt 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_ex
 
 from tripcast.config import Settings
 from tripcast.errors import CorruptFileError, DataError, MissingMonthError, SourceUnavailableError
+from tripcast.files import atomic_path
 
 # Raw column names per colour -> canonical names. FHV files have no distance column.
 SCHEMAS: dict[str, dict[str, str]] = {
@@ -191,11 +190,7 @@ def fetch(color: str, month: str | Month, settings: Settings) -> Path:
         except CorruptFileError:
             dest.unlink()  # damaged after the fact: fetch it again
     address = source_address(color, month, settings)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(dest) as tmp:
         local = _local_path(address)
         if local is not None:
             if not local.is_file():
@@ -218,10 +213,7 @@ def fetch(color: str, month: str | Month, settings: Settings) -> Path:
             validate_file(tmp, color)
         except CorruptFileError as exc:
             raise CorruptFileError(f"{address} was rejected and not cached: {exc}") from None
-        os.replace(tmp, dest)
-        return dest
-    finally:
-        tmp.unlink(missing_ok=True)
+    return dest
 
 
 def _normalise(table: pa.Table, color: str) -> pa.Table:

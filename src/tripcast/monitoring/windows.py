@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine
 
 from tripcast.config import ConfigError, Settings
 from tripcast.features import TARGET, zone_pair
+from tripcast.files import atomic_path
 from tripcast.metrics import regression_metrics
 from tripcast.registry import Registry
 from tripcast.store import labels, predictions, upsert, window_metrics
@@ -172,10 +173,8 @@ def drift_report(current: pd.DataFrame, reference: pd.DataFrame, settings: Setti
             column = config["column"]
             values["prediction_drift" if column == "prediction" else f"drift_{column}"] = float(metric["value"])
     if html is not None:
-        html.parent.mkdir(parents=True, exist_ok=True)
-        tmp = html.with_name(f".{html.name}.part")
-        snapshot.save_html(str(tmp))
-        os.replace(tmp, html)
+        with atomic_path(html) as tmp:
+            snapshot.save_html(str(tmp))
     return values
 
 
