@@ -12,6 +12,7 @@ import pytest
 from tripcast import batch, training
 from tripcast.config import Settings
 from tripcast.data import tlc
+from tripcast.errors import MissingMonthError
 from tripcast.registry import CHAMPION, Registry, decide
 
 pytestmark = pytest.mark.slow
@@ -70,3 +71,11 @@ def test_outputs_get_the_usual_file_mode(tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_backfill_over_a_missing_month_writes_nothing(settings: Settings, prefect_server: str, champion) -> None:
+    from tripcast.flows.score import score_flow
+
+    with pytest.raises(MissingMonthError, match="no green file for 2021-04"):
+        score_flow("green", "2021-02", "2021-04", CHAMPION)
+    assert not batch.output_path("green", tlc.Month.parse("2021-02"), settings).parent.exists()

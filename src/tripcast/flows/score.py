@@ -37,5 +37,7 @@ def score_flow(color: str = "green", month: str = "2021-03", last_month: str | N
     tlc.check_color(color)
     months = tlc.month_range(month, last_month or month)
     mv, pipeline = Registry(settings).load_pipeline(alias)
+    for m in months:  # every month at hand before any is written: a backfill fails whole, not half-way
+        tlc.fetch(color, m, settings)
     results = [score_month(color, m, pipeline, str(mv.version), settings) for m in months]
     return {"color": color, "alias": alias, "version": str(mv.version), "months": results}
