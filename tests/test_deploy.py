@@ -4,8 +4,10 @@ server (PostgreSQL backend, artifacts served by the server), started for real wi
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -24,6 +26,13 @@ from tripcast.rehearsal import free_port
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 SERVICES = yaml.safe_load((Path(__file__).parents[1] / "compose.yaml").read_text())["services"]
+TOKEN = "deploy-test-token"
+
+
+def compose_env(service: str) -> dict[str, str]:
+    """A service's environment as compose gives it: ``${NAME:-default}`` is NAME's value, or the default."""
+    return {k: re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: os.environ.get(m[1], m[2]), str(v))
+            for k, v in SERVICES[service].get("environment", {}).items()}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +46,7 @@ def compose_mlflow(postgres_database, tmp_path_factory: pytest.TempPathFactory) 
         [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", backend, "--artifacts-destination", str(artifacts),
          "--serve-artifacts"],
-        env=os.environ | {k: str(v) for k, v in SERVICES["mlflow"].get("environment", {}).items()},
+        env=os.environ | compose_env("mlflow"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -62,12 +71,17 @@ def test_the_mlflow_server_answers_the_services_by_name(compose_mlflow: tuple[st
     assert status("attacker.example:5000") == 403  # the DNS-rebinding protection is still on
 
 
+def tripcast(args: list[str], url: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_LOGGING_LEVEL")} | {
+        "TRIPCAST_TRACKING_URI": url, "TRIPCAST_ADMIN_TOKEN": TOKEN}
+    return subprocess.run([sys.executable, "-m", "tripcast", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
 def test_training_through_the_server_keeps_the_model_on_the_server(compose_mlflow: tuple[str, Path],
-                                                                   settings: Settings, tmp_path: Path) -> None:
+                                                                   settings: Settings) -> None:
     url, artifacts = compose_mlflow
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_LOGGING_LEVEL")} | {"TRIPCAST_TRACKING_URI": url}
-    result = subprocess.run([sys.executable, "-m", "tripcast", "train", "--train-month", "2021-01",
-                             "--val-month", "2021-02"], capture_output=True, text=True, env=env, timeout=300)
+    result = tripcast(["train", "--train-month", "2021-01", "--val-month", "2021-02"], url)
     assert result.returncode == 0, result.stderr[-2000:]
 
     # The model, its plots and its monitoring reference are in the server's artifact folder; nothing of
@@ -82,4 +96,37 @@ def test_training_through_the_server_keeps_the_model_on_the_server(compose_mlflo
     logged = registry.client.get_run(version.run_id).data.metrics["val_rmse"]
     measured = training.evaluate(pipeline, training.read_month_data("green", "2021-02", settings))["rmse"]
     assert measured == pytest.approx(logged, rel=1e-9)
+    mlflow.set_tracking_uri(None)
+
+
+def test_a_promotion_reaches_the_api_through_the_registry_webhook(compose_mlflow: tuple[str, Path],
+                                                                  settings: Settings) -> None:
+    # The API polls once an hour here: only the webhook can make it follow within seconds.
+    url, _ = compose_mlflow
+    registry = Registry(settings.with_overrides(tracking_uri=url))
+    if registry.current(CHAMPION) is None:  # this test alone: train the champion here
+        assert tripcast(["train", "--train-month", "2021-01", "--val-month", "2021-02"], url).returncode == 0
+    first = registry.by_alias(CHAMPION)
+    second = registry.register(first.source, first.run_id)
+    port = free_port()
+    api = subprocess.Popen([sys.executable, "-m", "tripcast", "serve", "--port", str(port), "--workers", "2"],
+                           env=os.environ | {"TRIPCAST_TRACKING_URI": url, "TRIPCAST_ADMIN_TOKEN": TOKEN,
+                                             "TRIPCAST_POLL_SECONDS": "3600"},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api_url = f"http://127.0.0.1:{port}"
+
+    def served() -> set[str]:
+        return {httpx.get(f"{api_url}/model", timeout=5).json()["champion"]["serving"]["version"] for _ in range(10)}
+
+    try:
+        eventually(lambda: httpx.get(f"{api_url}/ready", timeout=1).status_code == 200, 90, (httpx.TransportError,))
+        subscribed = tripcast(["models", "webhook", f"{api_url}/admin/reload"], url)
+        assert subscribed.returncode == 0 and "webhook tripcast-reload" in subscribed.stdout, subscribed.stderr
+        assert served() == {first.version}
+        time.sleep(float(compose_env("mlflow")["MLFLOW_WEBHOOK_CACHE_TTL"]) + 1)  # the server sees the webhook
+        registry.promote(second.version, reason="webhook test")
+        eventually(lambda: served() == {second.version}, 10)  # both workers
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
     mlflow.set_tracking_uri(None)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -338,6 +339,26 @@ def test_admin_needs_the_token(server: Server) -> None:
     assert httpx.post(f"{server.url}/admin/reload", headers={"Authorization": "Bearer nope"}).status_code == 403
     ok = httpx.post(f"{server.url}/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     assert ok.status_code == 200 and ok.json()[CHAMPION]["changed"] is False
+
+
+def test_reload_takes_an_mlflow_webhook_signed_with_the_admin_token(server: Server) -> None:
+    from mlflow.webhooks.delivery import _generate_hmac_signature  # how MLflow signs its deliveries
+
+    body = json.dumps({"entity": "model_version_alias", "action": "created", "timestamp": "2026-11-24T03:00:00",
+                       "data": {"name": "tripcast-duration", "alias": "champion", "version": "1"}})
+
+    def deliver(secret: str, age: int = 0, sent: str = body) -> httpx.Response:
+        delivery, timestamp = str(uuid.uuid4()), str(int(time.time()) - age)
+        return httpx.post(f"{server.url}/admin/reload", content=sent, timeout=30, headers={
+            "Content-Type": "application/json", "X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": timestamp,
+            "X-MLflow-Signature": _generate_hmac_signature(secret, delivery, timestamp, body)})
+
+    signed = deliver(TOKEN)
+    assert signed.status_code == 200 and signed.json()[CHAMPION]["changed"] is False
+    for refused, problem in ((deliver("another-secret"), "signature does not match"),
+                             (deliver(TOKEN, sent=body.replace('"1"', '"2"')), "signature does not match"),
+                             (deliver(TOKEN, age=3600), "s off (more than 300 s)")):
+        assert refused.status_code == 403 and problem in refused.json()["detail"]
 
 
 def test_hot_swap_under_load_fails_no_request(world: dict, server: Server) -> None:

@@ -437,6 +437,30 @@ def models_promote(
     out.print(f"version {mv.version} is now champion", highlight=False)
 
 
+@models_app.command("webhook")
+def models_webhook(
+    url: Annotated[str, typer.Argument(help="The API's reload endpoint, e.g. http://api:8000/admin/reload.")],
+) -> None:
+    """Have the MLflow server call the API when an alias moves (a webhook signed with TRIPCAST_ADMIN_TOKEN),
+    so that a promotion is served at once rather than at the next poll."""
+    settings = _settings()
+    if not settings.admin_token:
+        _fail("set TRIPCAST_ADMIN_TOKEN: the webhook is signed with it, and the API checks the signature")
+    if not settings.resolved_tracking_uri.startswith(("http://", "https://")):
+        _fail("webhooks are sent by an MLflow tracking server: set TRIPCAST_TRACKING_URI to one (the API polls "
+              "an embedded registry every TRIPCAST_POLL_SECONDS)")
+    from mlflow.exceptions import MlflowException
+
+    from tripcast.serving.webhooks import subscribe
+
+    try:
+        webhook = subscribe(_registry().client, url, settings.admin_token)
+    except MlflowException as exc:
+        _fail(f"the registry refused the webhook: {exc.message}")
+    out.print(f"webhook {webhook.name}: alias changes -> {webhook.url} (used once the MLflow server's "
+              "webhook cache expires: MLFLOW_WEBHOOK_CACHE_TTL, 60 s by default)", highlight=False)
+
+
 @models_app.command("rollback")
 def models_rollback() -> None:
     """Move champion back to the previous champion."""

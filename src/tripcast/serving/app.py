@@ -33,6 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from tripcast.config import Settings, load_settings
 from tripcast.monitoring import dashboard
 from tripcast.registry import CHALLENGER, Registry
+from tripcast.serving import webhooks
 from tripcast.serving.holder import AliasWatcher, ModelHolder
 from tripcast.serving.predlog import PredictionLog
 from tripcast.serving.schemas import RIDE, label_batch, log_features, ride_batch
@@ -327,11 +328,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not secrets.compare_digest(authorization.removeprefix("Bearer ").encode(), settings.admin_token.encode()):
             raise HTTPException(403, "wrong admin token")
 
-    @app.post("/admin/reload", dependencies=[Depends(admin)],
-              responses={401: {"description": "no token"}, 403: {"description": "wrong token"}})
+    async def admin_or_webhook(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+        if webhooks.SIGNATURE.lower() not in request.headers:
+            return admin(authorization)
+        if not settings.admin_token:
+            raise HTTPException(403, "admin endpoints are disabled: set TRIPCAST_ADMIN_TOKEN")
+        problem = webhooks.signature_problem(settings.admin_token, dict(request.headers),
+                                             await read_body(request, webhooks.MAX_BODY))
+        if problem:
+            raise HTTPException(403, problem)
+
+    @app.post("/admin/reload", dependencies=[Depends(admin_or_webhook)],
+              responses={401: {"description": "no token"}, 403: {"description": "wrong token or signature"}})
     async def reload() -> dict:
-        """Check the registry now (e.g. from an MLflow registry webhook) instead of waiting for the poll; with
-        several workers, every worker checks (the one answering reports)."""
+        """Check the registry now instead of waiting for the poll: with the admin token, or as an MLflow registry
+        webhook signed with it (``tripcast models webhook``). With several workers, every worker checks (the
+        one answering reports)."""
         changed = {h.alias: await run_in_threadpool(h.refresh) for h in holders}
         watcher.announce()  # the other workers check too
         return {alias: {"changed": changed[alias], "version": h.current.version if h.current else None,
