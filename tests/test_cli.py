@@ -46,11 +46,17 @@ def test_help_lists_the_commands() -> None:
     (["data", "drift", "green", "2021-02", "--kind", "bogus", "--out", "drifted"], "unknown drift 'bogus'"),
     (["serve", "--port", "70000"], "Invalid value for '--port'"),  # uvicorn started on it without a word
     (["stream", "--redis-url", "localhost:6379"], "Redis URL 'localhost:6379': Redis URL must specify"),
+    (["models", "webhook", "http://127.0.0.1:8000/admin/reload"], "set TRIPCAST_ADMIN_TOKEN"),
 ])
 def test_bad_input_is_one_clear_line(settings: Settings, args: list[str], message: str) -> None:
     result = run(args)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_webhook_needs_a_tracking_server(settings: Settings) -> None:
+    result = run(["models", "webhook", "http://127.0.0.1:8000/admin/reload"], {"TRIPCAST_ADMIN_TOKEN": "t"})
+    assert result.returncode == 2 and "webhooks are sent by an MLflow tracking server" in result.stderr
 
 
 def test_an_error_in_a_flow_on_the_ephemeral_prefect_server_is_one_line(settings: Settings) -> None:
