@@ -250,7 +250,7 @@ def test_an_api_started_before_its_registry_says_so_then_follows_it(world: dict)
     mlflow_port, port = free_port(), free_port()
     env = os.environ | world["env"] | {"TRIPCAST_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
     api = subprocess.Popen([sys.executable, "-m", "tripcast", "serve", "--port", str(port)], env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url, registry = f"http://127.0.0.1:{port}", None
     try:
         started = time.monotonic()
@@ -273,6 +273,9 @@ def test_an_api_started_before_its_registry_says_so_then_follows_it(world: dict)
             if process is not None:
                 process.terminate()
                 process.wait(timeout=30)
+    # Polled every 0.3 s while the registry was down: one warning when it started, one when it ended.
+    log = api.stderr.read()
+    assert log.count("reload failed") == 1 and log.count("recovered, serving") == 1 and "Retrying" not in log
 
 
 def test_metrics_of_several_workers_add_up_whichever_answers_the_scrape(world: dict) -> None:
@@ -427,6 +430,8 @@ def test_a_failing_load_keeps_the_old_model_serving(world: dict, server: Server,
     assert ready["ready"] and ready["last_reload_error"]
     assert 'tripcast_model_reload_failures{alias="champion"}' in httpx.get(f"{server.url}/metrics").text
     registry.rollback()
+    # Back to the version it serves: the failure is over, and /ready no longer reports it.
+    eventually(lambda: httpx.get(f"{server.url}/ready").json()["last_reload_error"] is None)
 
 
 def _with_challenger(world: dict) -> tuple[str, str]:

@@ -48,6 +48,8 @@ def _settings(verbose: bool = False) -> Settings:
         # they said "Still processing items" under the one-line error.
         for name in ("prefect", "APILogWorker", "EventsWorker"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+        # urllib3 says "Retrying ..." before every failed call to an MLflow server, beside tripcast's own warning.
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     return settings
 
 

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 # The watcher asks the registry again every poll, so MLflow's own retries (7 of them, backing off up to two
 # minutes) would only keep a process that cannot see its registry from starting, and from saying so.
 FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+REPEAT_WARNING_SECONDS = 300  # while reloads keep failing, the warning again this often
 SIGNAL_SECONDS = 0.25  # how often a worker looks for a reload another worker announced
 WARM_RIDES = pd.DataFrame({"PULocationID": [130, 74], "DOLocationID": [205, 75], "trip_distance": [3.7, 1.2],
                            "pickup_datetime": ["2021-02-01T08:30:00", "2021-02-06T13:15:00"]})
@@ -60,6 +61,7 @@ class ModelHolder:
         self.last_check: str | None = None
         self.reloads = 0
         self.failures = 0
+        self._warned = 0.0  # when the last failure was logged
         self._lock = threading.Lock()  # one refresh at a time (watcher and /admin/reload)
         for key, value in FAIL_FAST.items():
             os.environ.setdefault(key, value)
@@ -68,22 +70,33 @@ class ModelHolder:
         """Load the version the alias points at, if it changed. True if a new model is now served."""
         with self._lock:
             self.last_check = datetime.now(UTC).isoformat(timespec="seconds")
+            serving = self.current.version if self.current else "nothing"
             try:
                 version = self.registry.current(self.alias)
-                if version is None or (self.current is not None and self.current.version == version):
+                if version is None or version == serving:
+                    self._ok(serving)
                     return False
                 loaded = self._load(version)
             except Exception as exc:  # any failure: keep serving what we have, and say why
                 self.failures += 1
+                # Said when it starts and every few minutes while it lasts, not at every poll.
+                if self.last_error is None or time.monotonic() - self._warned >= REPEAT_WARNING_SECONDS:
+                    log.warning("alias %s: reload failed, still serving %s: %s", self.alias, serving,
+                                f"{type(exc).__name__}: {exc}"[:500])
+                    self._warned = time.monotonic()
                 self.last_error = f"{type(exc).__name__}: {exc}"[:500]
-                log.warning("alias %s: reload failed, still serving %s: %s", self.alias,
-                            self.current.version if self.current else "nothing", self.last_error)
                 return False
             self.current = loaded  # the atomic switch: one reference assignment
             self.reloads += 1
-            self.last_error = None
+            self._ok(version)
             log.info("alias %s: now serving version %s", self.alias, version)
             return True
+
+    def _ok(self, serving: str) -> None:
+        """A check that worked: an earlier failure (the registry down, a version that would not load) is over."""
+        if self.last_error is not None:
+            log.warning("alias %s: recovered, serving %s", self.alias, serving)
+        self.last_error = None
 
     def _load(self, version: str) -> LoadedModel:
         mv, pipeline = self.registry.load_pipeline(version)
