@@ -180,7 +180,8 @@ def test_the_writer_flushes_in_the_background_and_counts_what_the_bound_refuses(
     assert not ids.str.startswith("refused").any()
 
 
-def test_while_the_store_is_down_a_backlog_is_spooled_at_once_and_replayed_later(tmp_path: Path) -> None:
+def test_while_the_store_is_down_a_backlog_is_spooled_at_once_and_replayed_later(tmp_path: Path, caplog) -> None:
+    caplog.set_level("WARNING", logger=predlog.__name__)
     folder = tmp_path / "not-yet"  # SQLite cannot open a file in a folder that does not exist: the store is down
     url = f"sqlite:///{folder / 'store.db'}"
     log = PredictionLog(url, tmp_path / "spool", batch_size=100, flush_seconds=0.05)
@@ -198,6 +199,9 @@ def test_while_the_store_is_down_a_backlog_is_spooled_at_once_and_replayed_later
     with connect(url).connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar_one() == 1000
     assert log.store_up and not log.spool.exists() and log.dropped == 0
+    # An outage is said once when it starts and once when it ends, however many flushes it lasted.
+    assert [r.getMessage()[:40] for r in caplog.records] == ["prediction log: store unavailable, rows ",
+                                                             "prediction log: the store answers again "]
 
 
 def test_with_the_store_down_and_the_spool_unwritable_rows_are_counted_and_the_writer_carries_on(

@@ -128,9 +128,14 @@ class PredictionLog:
                     self._spool_replayed(replayed_to)
                     log.info("prediction log: replayed %d spooled rows", len(pending))
             self.written += len(pending) + len(rows)
+            if not self.store_up:
+                log.warning("prediction log: the store answers again (spooled rows are replayed)")
             self.store_up, self.last_error = True, None
             return True
         except Exception as exc:  # store down (SQLAlchemyError, OSError) or anything else: never lose the rows
+            if self.store_up:  # said once per outage; /model and /metrics keep counting
+                log.warning("prediction log: store unavailable, rows go to %s until it answers: %s", self.spool,
+                            f"{type(exc).__name__}: {exc}"[:300])
             self.store_up, self.last_error = False, f"{type(exc).__name__}: {exc}"[:300]
             if rows:
                 self._spool_or_count(rows)
