@@ -162,8 +162,9 @@ def test_the_streams_the_consumer_writes_are_capped(client, raw, names, served) 
     assert client.xrevrange(names.output, count=1)[0][1]["ride_id"] == "ride-499"  # the newest are kept
 
 
-def test_the_stream_process_waits_for_a_champion_then_consumes(client, names, settings: Settings) -> None:
+def test_the_stream_process_waits_for_a_champion_then_consumes(client, names, settings: Settings, caplog) -> None:
     # In the production profile the consumer starts before the first training run: it waits, then serves.
+    caplog.set_level("WARNING", logger="tripcast.streaming")
     stop = threading.Event()
     worker = threading.Thread(target=run_consumer, daemon=True, args=(
         settings.with_overrides(poll_seconds=0.2, log_flush_seconds=0.1), "redis://127.0.0.1:6379/0", names, stop))
@@ -183,6 +184,8 @@ def test_the_stream_process_waits_for_a_champion_then_consumes(client, names, se
         stop.set()
         worker.join(timeout=30)
     assert not worker.is_alive()
+    # Said once, not at each of the polls while it waited.
+    assert sum("version to serve yet" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_consumer_survives_a_redis_restart(names, served, tmp_path: Path) -> None:

@@ -142,9 +142,10 @@ def run_consumer(settings, redis_url: str, names: StreamNames, stop: threading.E
     # Like the API, wait for a model rather than exit: in the production profile this service starts before
     # the first training run, or before the registry answers.
     holder.refresh()
-    while holder.current is None:
-        log.warning("no %r version to serve yet (%s); asking the registry again in %g s", settings.serve_alias,
+    if holder.current is None:
+        log.warning("no %r version to serve yet (%s); asking the registry every %g s", settings.serve_alias,
                     holder.last_error or "none registered", settings.poll_seconds)
+    while holder.current is None:
         if stop.wait(settings.poll_seconds):
             return
         holder.refresh()
