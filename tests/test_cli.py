@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -52,6 +53,14 @@ def test_bad_input_is_one_clear_line(settings: Settings, args: list[str], messag
     result = run(args)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_on_a_port_in_use_says_so_before_loading_anything(settings: Settings) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run(["serve", "--port", str(port)])
+    assert result.returncode == 2 and "serving" not in result.stdout
+    assert result.stderr.strip() == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
 def test_a_webhook_needs_a_tracking_server(settings: Settings) -> None:

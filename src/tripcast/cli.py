@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -350,6 +351,11 @@ def serve(
     _settings(verbose)
     import uvicorn
 
+    try:  # before the models load and "serving" is printed; uvicorn would say so only after both
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}")
     shared = None
     if workers > 1:
         # The workers share this folder: a reload asked of one (/admin/reload) reaches all of them, and each
