@@ -188,7 +188,8 @@ def test_the_stream_process_waits_for_a_champion_then_consumes(client, names, se
     assert sum("version to serve yet" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_consumer_survives_a_redis_restart(names, served, tmp_path: Path) -> None:
+def test_consumer_survives_a_redis_restart(names, served, tmp_path: Path, caplog) -> None:
+    caplog.set_level("WARNING", logger="tripcast.streaming")
     port = free_port()
     server = _start_redis(port, tmp_path)
     client = redis.Redis(port=port, decode_responses=True, socket_timeout=2)
@@ -217,6 +218,10 @@ def test_consumer_survives_a_redis_restart(names, served, tmp_path: Path) -> Non
         worker.join(timeout=10)
         server.terminate()
         server.wait(timeout=10)
+    # The outage in the log once when it began and once when it ended, not at each of the consumer's retries.
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("redis")]
+    assert consumer.reconnects > 1 and len(said) == 2
+    assert said[0].startswith("redis unavailable") and said[1].startswith("redis answers again")
 
 
 def test_consumer_recreates_its_group_when_redis_lost_its_data(client, raw, names, served) -> None:

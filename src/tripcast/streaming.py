@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 import redis
@@ -28,6 +29,7 @@ from tripcast.serving.scoring import Scorer
 from tripcast.serving.traffic import TrafficPolicy
 
 log = logging.getLogger(__name__)
+MAX_BACKOFF = 10.0  # seconds between tries to reach Redis, at most
 
 
 @dataclass(frozen=True)
@@ -66,18 +68,22 @@ class StreamConsumer:
                 raise
 
     def run(self, stop: threading.Event) -> None:
-        backoff = 0.5
+        backoff, down_since = 0.5, None
         while not stop.is_set():
             try:
                 self.ensure_group()
+                if down_since is not None:
+                    log.warning("redis answers again after %.0f s", time.monotonic() - down_since)
+                    backoff, down_since = 0.5, None
                 while not stop.is_set():
                     self.step()
-                backoff = 0.5
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self.reconnects += 1
-                log.warning("redis unavailable (%s); retrying in %.1f s", exc, backoff)
+                if down_since is None:  # said once per outage, not at every retry
+                    down_since = time.monotonic()
+                    log.warning("redis unavailable (%s); retrying, every %.0f s at most", exc, MAX_BACKOFF)
                 stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
+                backoff = min(backoff * 2, MAX_BACKOFF)
             except redis.ResponseError as exc:
                 if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                     raise
