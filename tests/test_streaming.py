@@ -220,8 +220,7 @@ def test_consumer_survives_a_redis_restart(names, served, tmp_path: Path, caplog
         server.wait(timeout=10)
     # The outage in the log once when it began and once when it ended, not at each of the consumer's retries.
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("redis")]
-    assert consumer.reconnects > 1 and len(said) == 2
-    assert said[0].startswith("redis unavailable") and said[1].startswith("redis answers again")
+    assert len(said) == 2 and said[0].startswith("redis unavailable") and said[1].startswith("redis answers again")
 
 
 def test_consumer_recreates_its_group_when_redis_lost_its_data(client, raw, names, served) -> None:
