@@ -48,6 +48,7 @@ def test_help_lists_the_commands() -> None:
     (["serve", "--port", "70000"], "Invalid value for '--port'"),  # uvicorn started on it without a word
     (["stream", "--redis-url", "localhost:6379"], "Redis URL 'localhost:6379': Redis URL must specify"),
     (["models", "webhook", "http://127.0.0.1:8000/admin/reload"], "set TRIPCAST_ADMIN_TOKEN"),
+    (["serve", "--host", "no-such-host.invalid"], "cannot listen on no-such-host.invalid:8000: "),
 ])
 def test_bad_input_is_one_clear_line(settings: Settings, args: list[str], message: str) -> None:
     result = run(args)

@@ -352,10 +352,12 @@ def serve(
     import uvicorn
 
     try:  # before the models load and "serving" is printed; uvicorn would say so only after both
-        with socket.create_server((host, port)):
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # IPv6 hosts too
+        with socket.create_server((host, port), family=family):
             pass
-    except OSError as exc:
-        _fail(f"cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}")
+    except OSError as exc:  # errno > 0: a bind error (its text without Python's suffix); else a bad host name
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or exc
+        _fail(f"cannot listen on {host}:{port}: {reason}")
     shared = None
     if workers > 1:
         # The workers share this folder: a reload asked of one (/admin/reload) reaches all of them, and each
@@ -366,7 +368,8 @@ def serve(
         if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             (shared / "metrics").mkdir()
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared / "metrics")
-    typer.echo(f"serving http://{host}:{port} ({workers} worker{'s' * (workers > 1)}; API docs at /docs); "
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 host in brackets
+    typer.echo(f"serving http://{address} ({workers} worker{'s' * (workers > 1)}; API docs at /docs); "
                "Ctrl-C stops it")
     try:
         uvicorn.run("tripcast.serving.app:create_app", factory=True, host=host, port=port, workers=workers,
