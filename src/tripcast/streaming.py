@@ -30,6 +30,7 @@ from tripcast.serving.traffic import TrafficPolicy
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF = 10.0  # seconds between tries to reach Redis, at most
+MAX_LEN = 1_000_000  # entries kept (about) in the output and dead-letter streams
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class StreamNames:
 class StreamConsumer:
     def __init__(self, client: redis.Redis, holder: ModelHolder, names: StreamNames = StreamNames(),
                  consumer: str | None = None, batch: int = 500, block_ms: int = 1000, claim_idle_ms: int = 30_000,
-                 predlog: PredictionLog | None = None, max_len: int = 1_000_000) -> None:
+                 predlog: PredictionLog | None = None, max_len: int = MAX_LEN) -> None:
         # Events are read as bytes: a client that decodes them would fail on an event that is not UTF-8, every
         # time it is delivered (a poison event); as bytes it is validated, and dead-lettered, like any other.
         if client.get_connection_kwargs().get("decode_responses"):
@@ -137,7 +138,7 @@ class StreamConsumer:
 
 
 def run_consumer(settings, redis_url: str, names: StreamNames, stop: threading.Event | None = None,
-                 max_len: int = 1_000_000) -> None:
+                 max_len: int = MAX_LEN) -> None:
     """The ``tripcast stream`` process: model from the registry alias, predictions logged like the API's."""
     stop = stop or threading.Event()
     try:
