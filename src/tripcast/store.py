@@ -7,7 +7,9 @@ window metrics, alerts and automation decisions beside them.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from itertools import chain
@@ -183,7 +185,18 @@ def shared(url: str) -> Engine:
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # WAL is kept in the file, so only a new store's first connection switches it; but switching needs the
+    # file to itself, and SQLite answers "locked" at once, without waiting, while another process opening the
+    # same new store holds it.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
     cursor.execute("PRAGMA synchronous=NORMAL")
     # 64 MB of page cache instead of 2: the ride_id index takes random inserts, and once it outgrows the cache
     # each logged row reads pages back (a quarter of the insert's CPU on a 300,000-row table).
