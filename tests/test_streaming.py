@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -132,6 +135,40 @@ def test_pending_events_are_redelivered_after_a_consumer_crash(client, raw, name
     assert client.xpending(names.input, names.group)["pending"] == 0
 
 
+def test_consumers_that_are_gone_leave_the_group(client, raw, names, served) -> None:
+    # Each process is a new consumer (host-pid): without this the group's list of consumers only grows.
+    def consumers() -> set[str]:
+        return {c["name"] for c in client.xinfo_consumers(names.input, names.group)}
+
+    StreamConsumer(raw, served["holder"], names).ensure_group()
+    for event in _events(served["rides"].head(5)):
+        client.xadd(names.input, event)
+    client.xreadgroup(names.group, "crashed-consumer", {names.input: ">"}, count=100)  # and dies
+    survivor = StreamConsumer(raw, served["holder"], names, consumer="survivor", claim_idle_ms=200,
+                              forget_idle_ms=300, block_ms=100)
+    time.sleep(0.4)
+    # Idle long enough, but its events are pending: it stays, and removing it in the same step as the check
+    # is refused (XGROUP DELCONSUMER would drop its pending events unacknowledged).
+    assert survivor.forget_idle() == []
+    assert survivor._forget(keys=[names.input], args=[names.group, "crashed-consumer"]) == -1
+    _drain(survivor, 5)
+    assert client.xlen(names.output) == 5 and client.xpending(names.input, names.group)["pending"] == 0
+    assert consumers() == {"crashed-consumer", "survivor"}
+    eventually(lambda: survivor.step() == 0 and consumers() == {"survivor"})  # its events claimed, it goes
+    assert survivor.forgotten == 1
+
+    # A consumer that stops cleanly leaves at once; another one's events stay with it.
+    client.xadd(names.input, _events(served["rides"].head(1))[0])
+    client.xreadgroup(names.group, "busy-consumer", {names.input: ">"}, count=1)
+    stop = threading.Event()
+    worker = threading.Thread(target=survivor.run, args=(stop,), daemon=True)
+    worker.start()
+    stop.set()
+    worker.join(timeout=10)
+    assert consumers() == {"busy-consumer"}
+    assert client.xpending(names.input, names.group)["pending"] == 1
+
+
 
 def _start_redis(port: int, folder: Path) -> subprocess.Popen:
     process = subprocess.Popen([shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port),
@@ -246,3 +283,27 @@ def test_consumer_recreates_its_group_when_redis_lost_its_data(client, raw, name
         worker.join(timeout=10)
 
 
+
+
+def test_the_stream_process_flushes_its_log_and_leaves_on_sigterm(client, names, served,
+                                                                   settings: Settings) -> None:
+    # docker stop and Kubernetes stop a service with SIGTERM. The process used to die at once, and with it the
+    # log rows of events it had already published and acknowledged (a long flush interval keeps them queued).
+    command = [sys.executable, "-m", "tripcast", "stream", "--input", names.input, "--output", names.output,
+               "--dead-letter", names.dead_letter, "--group", names.group]
+    process = subprocess.Popen(command, env=os.environ | {"TRIPCAST_LOG_FLUSH_SECONDS": "60"},
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        for event in _events(served["rides"]):
+            client.xadd(names.input, event)
+        eventually(lambda: client.xlen(names.output) == 50, timeout=60)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+    with connect(settings.resolved_monitoring_uri).connect() as conn:
+        logged = conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar()
+    assert logged == 50
+    assert client.xinfo_consumers(names.input, names.group) == []  # it left the group
+    said = process.stderr.read()
+    assert "consuming" in said and "stopped: 50 predictions published, 0 events dead-lettered, 50 rows logged" in said

@@ -6,9 +6,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -396,7 +398,13 @@ def stream(
     settings = _settings(verbose)
     from tripcast.streaming import StreamNames, run_consumer
 
-    run_consumer(settings, redis_url, StreamNames(input_stream, output_stream, dead_letter, group), max_len=max_len)
+    # SIGTERM (docker stop, Kubernetes) and Ctrl-C finish the batch in hand and flush the prediction log:
+    # killed outright, the process lost the log rows of events it had already published and acknowledged.
+    logging.getLogger("tripcast.streaming").setLevel(logging.INFO)  # a service says when it starts and stops
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    run_consumer(settings, redis_url, StreamNames(input_stream, output_stream, dead_letter, group), stop, max_len)
 
 
 # --- registry ------------------------------------------------------------------------------------------

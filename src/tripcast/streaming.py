@@ -3,13 +3,16 @@
 Each event's field ``ride`` holds the ride as JSON (the API's request shape). The consumer reads through a
 consumer group, publishes ``{ride_id, duration, model_version, event_id}`` to the output stream, and only then
 acknowledges the event (at-least-once). A malformed event goes to the dead-letter stream with its error and is
-acknowledged. Events a crashed consumer left pending are claimed after ``claim_idle_ms``. Connection errors
-(a Redis restart) are waited out with back-off, and a group that Redis lost is made again; nothing is
-acknowledged that was not published.
+acknowledged. Events a crashed consumer left pending are claimed after ``claim_idle_ms``. Each process is a
+new consumer (host-pid), so the group's list of consumers would only grow: a consumer that stops cleanly
+leaves the group, and one idle for ``forget_idle_ms`` (a crashed one) is removed, each only with nothing
+pending. Connection errors (a Redis restart) are waited out with back-off, and a group that Redis lost is
+made again; nothing is acknowledged that was not published.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -31,6 +34,13 @@ from tripcast.serving.traffic import TrafficPolicy
 log = logging.getLogger(__name__)
 MAX_BACKOFF = 10.0  # seconds between tries to reach Redis, at most
 MAX_LEN = 1_000_000  # entries kept (about) in the output and dead-letter streams
+FORGET_IDLE_MS = 24 * 3600 * 1000  # a consumer idle this long with nothing pending is removed from the group
+# Removes a consumer only if it has nothing pending, in one step: between a look at XINFO and the removal it
+# may have read events, and XGROUP DELCONSUMER drops a consumer's pending events with it, unacknowledged.
+FORGET_IF_NOTHING_PENDING = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return -1 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
 
 
 @dataclass(frozen=True)
@@ -44,7 +54,8 @@ class StreamNames:
 class StreamConsumer:
     def __init__(self, client: redis.Redis, holder: ModelHolder, names: StreamNames = StreamNames(),
                  consumer: str | None = None, batch: int = 500, block_ms: int = 1000, claim_idle_ms: int = 30_000,
-                 predlog: PredictionLog | None = None, max_len: int = MAX_LEN) -> None:
+                 predlog: PredictionLog | None = None, max_len: int = MAX_LEN,
+                 forget_idle_ms: int = FORGET_IDLE_MS) -> None:
         # Events are read as bytes: a client that decodes them would fail on an event that is not UTF-8, every
         # time it is delivered (a poison event); as bytes it is validated, and dead-lettered, like any other.
         if client.get_connection_kwargs().get("decode_responses"):
@@ -54,12 +65,15 @@ class StreamConsumer:
         self.names = names
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.batch, self.block_ms, self.claim_idle_ms = batch, block_ms, claim_idle_ms
+        self.forget_idle_ms = forget_idle_ms
         # The streams we write are capped (approximately: Redis trims whole nodes, cheaply), or they would grow
         # until Redis runs out of memory; readers of the predictions have the last ``max_len`` of them.
         self.max_len = max_len
         self.predlog = predlog
         self.scorer = Scorer(holder, None, TrafficPolicy("champion", 0.0), "stream")
-        self.published = self.dead = self.reconnects = self.regrouped = 0
+        self.published = self.dead = self.reconnects = self.regrouped = self.forgotten = 0
+        self._forget = client.register_script(FORGET_IF_NOTHING_PENDING)
+        self._next_forget = 0.0  # monotonic time of the next look for idle consumers
 
     def ensure_group(self) -> None:
         try:
@@ -93,12 +107,18 @@ class StreamConsumer:
                 self.regrouped += 1
                 log.warning("consumer group %s on %s is gone (%s); creating it again", self.names.group,
                             self.names.input, exc)
+        # Stopped cleanly: the next process is a consumer of another name. If Redis is down now, a later
+        # consumer removes this one once it has been idle long enough.
+        with contextlib.suppress(redis.RedisError):
+            self.leave()
 
     def step(self) -> int:
         """Claim stale pending events, read new ones, process them. Returns how many were handled."""
         _, claimed, _ = self.redis.xautoclaim(self.names.input, self.names.group, self.consumer,
                                               min_idle_time=self.claim_idle_ms, start_id="0-0", count=self.batch)
         entries = list(claimed)
+        if time.monotonic() >= self._next_forget:
+            self.forget_idle()
         if not entries:
             read = self.redis.xreadgroup(self.names.group, self.consumer, {self.names.input: ">"},
                                          count=self.batch, block=self.block_ms)
@@ -106,6 +126,30 @@ class StreamConsumer:
         if entries:
             self.process(entries)
         return len(entries)
+
+    def forget_idle(self) -> list[str]:
+        """Remove the group's consumers idle for ``forget_idle_ms`` with nothing pending (a crashed consumer's
+        events are claimed first); returns their names. Looked at once a minute at most.
+
+        Redis 7.0 counts a consumer idle until it is given an event, so a live consumer of a quiet stream may
+        be removed too: harmless, with nothing pending, and Redis adds it again when it reads its next event."""
+        self._next_forget = time.monotonic() + min(60_000, self.forget_idle_ms) / 1000
+        gone = []
+        for info in self.redis.xinfo_consumers(self.names.input, self.names.group):
+            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+            if name != self.consumer and not info["pending"] and info["idle"] >= self.forget_idle_ms \
+                    and self._forget(keys=[self.names.input], args=[self.names.group, name]) >= 0:
+                gone.append(name)
+        if gone:
+            self.forgotten += len(gone)
+            log.info("removed consumer(s) idle for %.0f s with nothing pending from group %s: %s",
+                     self.forget_idle_ms / 1000, self.names.group, ", ".join(gone))
+        return gone
+
+    def leave(self) -> bool:
+        """Take this consumer out of the group, unless it still has events pending (another consumer claims
+        those); True if it left."""
+        return self._forget(keys=[self.names.input], args=[self.names.group, self.consumer]) >= 0
 
     def process(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         if self.holder.current is None:
@@ -162,9 +206,13 @@ def run_consumer(settings, redis_url: str, names: StreamNames, stop: threading.E
     watcher.start()
     predlog.start()
     consumer = StreamConsumer(client, holder, names, predlog=predlog, max_len=max_len)
-    log.info("consuming %s as %s/%s", names.input, names.group, consumer.consumer)
+    served = holder.current
+    log.info("consuming %s as %s/%s with %s version %s (%s)", names.input, names.group, consumer.consumer,
+             served.name, served.version, served.alias)
     try:
         consumer.run(stop)
     finally:
         watcher.stop()
         predlog.stop()
+    log.info("stopped: %d predictions published, %d events dead-lettered, %d rows logged", consumer.published,
+             consumer.dead, predlog.written)
