@@ -132,9 +132,10 @@ def batch_rate(url: str, seconds: int, folder: Path, rides: int = 10_000) -> dic
 
 
 def median_run(runs: list[dict]) -> dict:
-    """Each figure's median over the runs (errors: their sum)."""
+    """Each figure's median over the runs (errors: their sum; stalled: runs the server answered nothing in,
+    which wrk counts as neither a request nor an error)."""
     medians = {key: statistics.median(r[key] for r in runs) for key in runs[0] if key != "errors"}
-    return medians | {"errors": sum(r["errors"] for r in runs)}
+    return medians | {"errors": sum(r["errors"] for r in runs), "stalled": sum(not r["requests"] for r in runs)}
 
 
 def drained(url: str, timeout: float = 60) -> None:
@@ -198,7 +199,8 @@ def main() -> None:
     for name, by_c in results.items():
         for c, r in by_c.items():
             print(f"{name:8s} {c:>3s}: {r['rps']:8.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms"
-                  f"  errors {r['errors']}  (median of {args.rounds})", flush=True)
+                  f"  errors {r['errors']}  (median of {args.rounds})"
+                  + (f"  STALLED: no answer at all in {r['stalled']} run(s)" if r["stalled"] else ""), flush=True)
     t, m, b, h = results["tripcast"], results["mlflow"], results["bare"], results["ceiling"]
     figures = {
         "benchmark": "serve", "seconds": args.seconds, "results": results,
