@@ -125,10 +125,12 @@ def batch_rate(url: str, seconds: int, folder: Path, rides: int = 10_000) -> dic
     out = subprocess.run(["wrk", "-t1", "-c1", f"-d{seconds}s", "-s", str(script), f"{url}/predict/batch"],
                          capture_output=True, text=True, check=True).stdout
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT "))
+    started = time.perf_counter()
     drained(url)
     after = log_state(url)
     return result | {"rides_per_s": round(result["rps"] * rides), "logged": after["written"] - before["written"],
-                     "dropped": after["dropped"] - before["dropped"]}
+                     "dropped": after["dropped"] - before["dropped"], "spooled": after["spooled"] - before["spooled"],
+                     "catch_up_s": round(time.perf_counter() - started, 1)}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -138,10 +140,14 @@ def median_run(runs: list[dict]) -> dict:
     return medians | {"errors": sum(r["errors"] for r in runs), "stalled": sum(not r["requests"] for r in runs)}
 
 
-def drained(url: str, timeout: float = 60) -> None:
-    """Wait until tripcast's prediction log has written what the last run queued (it would load the next run)."""
+def drained(url: str, timeout: float = 300) -> None:
+    """Wait until tripcast's prediction log has written what the last run queued or spooled (it would load the
+    next run)."""
     deadline = time.monotonic() + timeout
-    while log_state(url)["queued"] and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        state = log_state(url)
+        if not state["queued"] and state["replayed"] >= state["spooled"]:
+            return
         time.sleep(0.2)
 
 
@@ -216,9 +222,11 @@ def main() -> None:
           "(what logging, metrics, validation and the A/B policy cost)")
     print(f"p99 at c4: tripcast {t['c4']['p99_ms']:.2f} ms vs ceiling {h['c4']['p99_ms']:.2f} ms = "
           f"{figures['p99_c4_vs_ceiling']:.2f}x (target <= 2x)")
-    logged = batch_median["logged"] / (batch_median["logged"] + batch_median["dropped"])
+    total = batch_median["logged"] + batch_median["dropped"]
     print(f"batch endpoint: {figures['batch_rides_per_second']:,} rides/s (target >= 200,000); the prediction log "
-          f"kept {logged:.0%} of them, the rest overflowed its queue (counted as dropped)")
+          f"kept {batch_median['logged'] / total:.0%} of them ({batch_median['spooled'] / total:.0%} by way of its "
+          f"spool, written within {batch_median['catch_up_s']:.0f} s after the run), dropped "
+          f"{batch_median['dropped'] / total:.0%} (counted)")
     print(json.dumps(figures))
 
 

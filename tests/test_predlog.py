@@ -161,23 +161,32 @@ def test_a_role_that_cannot_drop_the_old_indexes_still_opens_the_store(postgres_
         owner.dispose()
 
 
-def test_the_writer_flushes_in_the_background_and_counts_what_the_bound_refuses(tmp_path: Path) -> None:
+def test_the_writer_flushes_in_the_background_and_counts_what_the_bounds_refuse(tmp_path: Path, caplog) -> None:
+    caplog.set_level("WARNING", logger=predlog.__name__)
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    log = PredictionLog(url, tmp_path / "spool", queue_size=1000, batch_size=300, flush_seconds=0.05)
+    log = PredictionLog(url, tmp_path / "spool", queue_size=1000, batch_size=300, flush_seconds=0.05,
+                        shadow=lambda rows: ([1.5] * len(rows), "4"))
     log.put(_rows("first", 900))
-    log.put(_rows("refused", 200))  # 900 + 200 > 1000: refused whole, and counted
-    assert log.dropped == 200 and log.depth == 900
+    log.put(_rows("over", 200))  # 900 + 200 > 1000: past the queue, on its way to the spool instead
+    log.put(_rows("refused", 900))  # 200 + 900 > 1000: past that bound too, refused whole, and counted
+    assert log.dropped == 900 and log.depth == 1100
     log.start()
     deadline = time.monotonic() + 10
-    while log.written < 900 and time.monotonic() < deadline:
+    while log.written < 1100 and time.monotonic() < deadline:
         time.sleep(0.02)
     log.put(_rows("second", 100))
     log.stop()  # flushes what is queued
     with connect(url).connect() as conn:
-        ids = pd.read_sql(sa.select(predictions.c.ride_id), conn)["ride_id"]
-    assert log.written == 1000 and log.depth == 0 and log.store_up
+        logged = pd.read_sql(sa.select(predictions), conn)
+    assert log.written == 1200 and log.depth == 0 and log.store_up and log.dropped == 900
+    assert log.spooled == 200 and log.replayed == 200 and not log.spool.exists() and not log.behind
+    ids = logged["ride_id"]
     assert ids.str.startswith("first").sum() == 900 and ids.str.startswith("second").sum() == 100
-    assert not ids.str.startswith("refused").any()
+    assert ids.str.startswith("over").sum() == 200 and not ids.str.startswith("refused").any()
+    assert (logged["shadow_prediction"] == 1.5).all() and (logged["shadow_version"] == "4").all()  # spooled too
+    # The spell is said once when rows start going to the spool and once when the store has caught up.
+    assert [r.getMessage()[:40] for r in caplog.records if r.name == predlog.__name__] == [
+        "prediction log: predictions come faster ", "prediction log: the store has caught up "]
 
 
 def test_while_the_store_is_down_a_backlog_is_spooled_at_once_and_replayed_later(tmp_path: Path, caplog) -> None:

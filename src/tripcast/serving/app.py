@@ -82,10 +82,13 @@ class Metrics:
         self.predictions = Counter("tripcast_predictions", "Rides predicted", ["version", "arm"], registry=r)
         self.queue_depth = Gauge("tripcast_log_queue_depth", "Predictions waiting to be logged", registry=r,
                                  multiprocess_mode="livesum")
-        self.logs_dropped = Gauge("tripcast_log_dropped", "Predictions not logged (queue full)", registry=r,
-                                  multiprocess_mode="sum")
-        self.logs_spooled = Gauge("tripcast_log_spooled", "Predictions spooled while the store was down",
+        self.logs_dropped = Gauge("tripcast_log_dropped", "Predictions not logged (queue and spool both full)",
                                   registry=r, multiprocess_mode="sum")
+        self.logs_spooled = Gauge("tripcast_log_spooled",
+                                  "Predictions spooled (the store down, or behind); replayed when it can take them",
+                                  registry=r, multiprocess_mode="sum")
+        self.logs_replayed = Gauge("tripcast_log_replayed", "Spooled predictions written to the store", registry=r,
+                                   multiprocess_mode="sum")
         self.logs_written = Gauge("tripcast_log_written", "Predictions written to the store", registry=r,
                                   multiprocess_mode="sum")
         self.store_up = Gauge("tripcast_log_store_up", "1 if the monitoring store accepted the last write",
@@ -294,14 +297,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"worker": os.getpid(), "traffic": {"mode": policy.mode, "challenger_weight": policy.challenger_weight},
                 "champion": state(champion), "challenger": state(challenger) if challenger else None,
                 "prediction_log": {"queued": predlog.depth, "written": predlog.written,
-                                   "spooled": predlog.spooled, "dropped": predlog.dropped,
-                                   "store_up": predlog.store_up, "last_error": predlog.last_error}}
+                                   "spooled": predlog.spooled, "replayed": predlog.replayed,
+                                   "dropped": predlog.dropped, "store_up": predlog.store_up,
+                                   "behind": predlog.behind, "last_error": predlog.last_error}}
 
     @app.get("/metrics", response_class=PlainTextResponse)  # documented as text: Prometheus' exposition format
     async def prometheus() -> Response:
         metrics.queue_depth.set(predlog.depth)
         metrics.logs_dropped.set(predlog.dropped)
         metrics.logs_spooled.set(predlog.spooled)
+        metrics.logs_replayed.set(predlog.replayed)
         metrics.logs_written.set(predlog.written)
         metrics.store_up.set(1 if predlog.store_up else 0)
         try:
