@@ -194,8 +194,9 @@ def run_consumer(settings, redis_url: str, names: StreamNames, stop: threading.E
     # the first training run, or before the registry answers.
     holder.refresh()
     if holder.current is None:
-        log.warning("no %r version to serve yet (%s); asking the registry every %g s", settings.serve_alias,
-                    holder.last_error or "none registered", settings.poll_seconds)
+        # A failure to reach the registry has just been logged by the holder; not twice.
+        log.warning("no %r version to serve yet%s; asking the registry every %g s", settings.serve_alias,
+                    "" if holder.last_error else " (none registered)", settings.poll_seconds)
     while holder.current is None:
         if stop.wait(settings.poll_seconds):
             return
