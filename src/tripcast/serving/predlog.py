@@ -160,7 +160,10 @@ class PredictionLog:
             if self._engine is None:
                 self._engine = connect(self.url)
             with self._locked():
-                pending, replayed_to = self._read_spool(REPLAY_ROWS)
+                # While more than this transaction waits in memory, the spool is not read back: replaying it then
+                # only moves rows through it twice, and the backlog in memory is what overflows.
+                hot = self._overflowed or self._queued > 2 * self.batch_size
+                pending, replayed_to = ([], None) if hot else self._read_spool(REPLAY_ROWS)
                 with self._engine.begin() as conn:
                     insert_predictions(conn, pending + rows)
                 if replayed_to is not None:
