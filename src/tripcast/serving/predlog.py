@@ -171,7 +171,7 @@ class PredictionLog:
                     log.info("prediction log: replayed %d spooled rows", len(pending))
             self.written += len(pending) + len(rows)
             self.replayed += len(pending)
-            if self.behind and replayed_to is not None and not self.spool.exists():
+            if self.behind and not self.spool.exists():  # replayed by this process or another worker
                 log.warning("prediction log: the store has caught up (the spool is replayed)")
                 self.behind = False
             if not self.store_up:
