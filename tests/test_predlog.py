@@ -238,6 +238,32 @@ def test_with_the_store_down_and_the_spool_unwritable_rows_are_counted_and_the_w
     assert sorted(ids) == sorted(row[0] for row in _rows("kept", 100))
 
 
+def test_the_spool_stops_at_its_size_limit_and_counts_what_it_refuses(tmp_path: Path, caplog) -> None:
+    # A long outage (or overload) must not fill the disk the store, MLflow and the service share.
+    caplog.set_level("WARNING", logger=predlog.__name__)
+    url = f"sqlite:///{tmp_path / 'not-yet' / 'store.db'}"  # the store is down throughout
+    log = PredictionLog(url, tmp_path / "spool", batch_size=1000, flush_seconds=0.05, spool_max_mb=0.05)
+
+    def settled(spooled: int, dropped: int) -> None:
+        deadline = time.monotonic() + 5
+        while (log.spooled, log.dropped) != (spooled, dropped) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (log.spooled, log.dropped, log.depth) == (spooled, dropped, 0)
+
+    log.start()
+    log.put(_rows("kept", 100))  # ~13 kB: within the 50 kB
+    settled(100, 0)
+    log.put(_rows("refused", 900))  # ~120 kB more: refused whole
+    settled(100, 900)
+    log.put(_rows("refused-too", 900))
+    settled(100, 1800)
+    log.stop()
+    assert log.spool.stat().st_size <= 50_000
+    assert len(log._read_spool(10_000)[0]) == 100
+    refusals = [r for r in caplog.records if "spool unwritable" in r.getMessage()]
+    assert len(refusals) == 1 and "TRIPCAST_LOG_SPOOL_MAX_MB" in refusals[0].getMessage()  # said once
+
+
 def test_a_long_spool_is_replayed_in_bounded_transactions_and_resumes_after_a_restart(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(predlog, "REPLAY_ROWS", 400)

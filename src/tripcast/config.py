@@ -58,6 +58,9 @@ class Settings:
     # 5.6 us of CPU per row where 1,000-row ones cost 11.6 (bench/predlog.py).
     log_batch_size: int = 20_000
     log_flush_seconds: float = 0.5
+    # The spool (the store down, or behind) stops taking rows at this size, so it cannot fill the disk; rows
+    # are then dropped and counted. ~8,000 rows a MB: 2 GB hold an hour of a 4,500 predictions/s outage.
+    log_spool_max_mb: float = 2048
     # Monitoring (see tripcast.monitoring): windows of logged predictions and their thresholds. The defaults
     # were measured on green 2021-2023: weekly 2021 windows stay below them, 2023 windows do not.
     window: str = "week"  # day | week (a day of green taxi rides is too few for stable zone statistics)

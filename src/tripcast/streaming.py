@@ -202,8 +202,7 @@ def run_consumer(settings, redis_url: str, names: StreamNames, stop: threading.E
             return
         holder.refresh()
     watcher = AliasWatcher([holder], settings.poll_seconds)
-    predlog = PredictionLog(settings.resolved_monitoring_uri, settings.spool_dir, settings.log_queue_size,
-                            settings.log_batch_size, settings.log_flush_seconds)
+    predlog = PredictionLog.from_settings(settings)
     watcher.start()
     predlog.start()
     consumer = StreamConsumer(client, holder, names, predlog=predlog, max_len=max_len)

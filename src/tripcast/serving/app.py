@@ -206,9 +206,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         features = log_features(rows, model.pipeline.preprocessor)
         return model.pipeline.predict_features(features).tolist(), model.version
 
-    predlog = PredictionLog(settings.resolved_monitoring_uri, settings.spool_dir, settings.log_queue_size,
-                            settings.log_batch_size, settings.log_flush_seconds,
-                            shadow=shadow_scores if policy.shadow else None)
+    predlog = PredictionLog.from_settings(settings, shadow=shadow_scores if policy.shadow else None)
     scorer = Scorer(champion, challenger, policy, "api",
                     count=lambda version, arm, n: metrics.prediction_count(version, arm).inc(n))
     watcher = AliasWatcher(holders, settings.poll_seconds,

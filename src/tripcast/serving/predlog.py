@@ -35,6 +35,7 @@ from pathlib import Path
 
 import orjson
 
+from tripcast.config import Settings
 from tripcast.store import PREDICTION_COLUMNS, connect, insert_predictions, log_time
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,9 @@ REPLAY_ROWS = 20_000
 
 class PredictionLog:
     def __init__(self, url: str, spool_dir: Path, queue_size: int = 100_000, batch_size: int = 20_000,
-                 flush_seconds: float = 0.5, shadow: ShadowScorer | None = None) -> None:
+                 flush_seconds: float = 0.5, shadow: ShadowScorer | None = None, spool_max_mb: float = 2048) -> None:
         self.url = url
+        self.spool_max_bytes = int(spool_max_mb * 1e6)  # a long outage, or overload, must not fill the disk
         spool_dir.mkdir(parents=True, exist_ok=True)
         store_key = hashlib.sha256(url.encode()).hexdigest()[:12]
         self.spool = spool_dir / f"predictions-{store_key}.jsonl"
@@ -72,7 +74,13 @@ class PredictionLog:
         self.dropped = 0
         self.store_up = True
         self.behind = False  # rows have gone to the spool because the store did not keep up
+        self._spool_failing = False
         self.last_error: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, shadow: ShadowScorer | None = None) -> PredictionLog:
+        return cls(settings.resolved_monitoring_uri, settings.spool_dir, settings.log_queue_size,
+                   settings.log_batch_size, settings.log_flush_seconds, shadow, settings.log_spool_max_mb)
 
     # --- request side --------------------------------------------------------------------------------
     def put(self, rows: list[tuple]) -> None:
@@ -188,14 +196,21 @@ class PredictionLog:
             return False
 
     def _spool_or_count(self, rows: list[tuple]) -> None:
-        """Rows the store did not take, into the spool; if even that fails (a full or read-only disk), they
-        are counted as dropped, and the writer carries on: it must outlive the outage to log what comes after."""
+        """Rows the store did not take, into the spool; if even that fails (the spool at its size limit, a full
+        or read-only disk), they are counted as dropped, and the writer carries on: it must outlive the outage to
+        log what comes after."""
         try:
             self._append_spool(rows)
         except OSError as exc:
             self.dropped += len(rows)
-            self.last_error = f"store down and spool unwritable, {len(rows)} rows dropped: {exc}"[:300]
-            log.error("prediction log: %s", self.last_error)
+            self.last_error = f"spool unwritable, {len(rows)} rows dropped: {exc}"[:300]
+            if not self._spool_failing:  # said once, until the spool takes rows again
+                log.error("prediction log: %s", self.last_error)
+            self._spool_failing = True
+            return
+        if self._spool_failing:
+            log.warning("prediction log: the spool takes rows again")
+        self._spool_failing = False
 
     def _add_shadow(self, rows: list[tuple]) -> list[tuple]:
         try:
@@ -214,6 +229,9 @@ class PredictionLog:
             # A crash mid-append leaves a line without its end; end it, or the first row appended here would
             # join it and be lost with it (replay counts the torn line once and keeps the rest).
             end = handle.seek(0, os.SEEK_END)
+            if end + len(lines) > self.spool_max_bytes:
+                raise SpoolFullError(f"the spool {self.spool} would pass its limit of "
+                                     f"{self.spool_max_bytes / 1e6:g} MB (TRIPCAST_LOG_SPOOL_MAX_MB)")
             if end:
                 handle.seek(end - 1)
                 if handle.read(1) != b"\n":
@@ -261,6 +279,10 @@ class PredictionLog:
             partial = self._spool_offset.with_suffix(".offset-tmp")
             partial.write_text(str(offset))
             partial.replace(self._spool_offset)  # atomic: a crash leaves the old offset or the new one
+
+
+class SpoolFullError(OSError):
+    """The spool is at its size limit: like a full disk, but before the disk is."""
 
 
 def _spooled_row(row: list | dict) -> tuple:
