@@ -13,8 +13,8 @@ When predictions come faster than the store takes them (a burst of batch request
 bound go to a second list of the same size, which the writer moves to the spool between its transactions:
 appending a row costs a small fraction of inserting it, so the log keeps up with bursts the store cannot, and
 the store catches up as the spool is replayed. A row is only ever lost when both lists are full, or when the
-spool cannot be written (a full disk), and then it is counted (``dropped``). Shadow predictions are computed
-here too, per batch, off the response path.
+spool cannot take it (at its size limit, or a full disk), and then it is counted (``dropped``). Shadow
+predictions are computed here too, per batch, off the response path.
 
 The writer wakes on a timer rather than on every ``put``: waking it per request would hand the GIL to it per
 request, which costs the request path more than the writing does.
@@ -153,10 +153,12 @@ class PredictionLog:
         rows = list(chain.from_iterable(taken))
         if self.shadow is not None:
             rows = self._add_shadow(rows)
-        if self.store_up and not self.behind:  # said once per spell, and once when it has caught up
-            log.warning("prediction log: predictions come faster than the store takes them; rows past the "
-                        "queue (%d) go to %s and are written as the store catches up", self.queue_size, self.spool)
-        self.behind = True
+        if self.store_up:  # (while the store is down, this is part of the outage, which is said already)
+            if not self.behind:  # said once per spell, and once when it has caught up
+                log.warning("prediction log: predictions come faster than the store takes them; rows past the "
+                            "queue (%d) go to %s and are written as the store catches up", self.queue_size,
+                            self.spool)
+            self.behind = True
         self._spool_or_count(rows)
         with self._lock:
             self._overflowed -= len(rows)
