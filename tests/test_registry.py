@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -11,6 +14,7 @@ from tripcast import training
 from tripcast.config import Settings
 from tripcast.errors import RegistryError
 from tripcast.registry import CHALLENGER, CHAMPION, Registry, decide
+from tripcast.tracking import source_tags
 
 pytestmark = pytest.mark.slow
 
@@ -113,3 +117,27 @@ def test_deployments_register_with_their_schedules(settings: Settings, prefect_s
     assert retrain.name == "monthly-retrain" and retrain.parameters == {"color": "green", "model": "lightgbm"}
     assert [s.schedule.cron for s in retrain.schedules] == ["0 6 5 * *"]
     assert monitor.name == "monitor" and [s.schedule.cron for s in monitor.schedules] == ["15 * * * *"]
+
+
+def test_the_git_commit_recorded_is_the_packages_own(tmp_path: Path) -> None:
+    # Installed in a virtual environment inside a user's project, the package used to be tagged with the
+    # commit of that project: a lineage that says nothing of the code that trained.
+    repo = tmp_path / "someone-elses-project"
+    package = repo / ".venv" / "lib" / "tripcast"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (repo / "README").write_text("theirs")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "README")
+    git("commit", "-qm", "theirs")
+    assert source_tags(package)["tripcast.git_commit"] == "unknown"
+    git("add", "-f", ".venv/lib/tripcast/__init__.py")  # now the package's own repository (an editable install)
+    git("commit", "-qm", "ours")
+    assert source_tags(package)["mlflow.source.git.commit"] == git("rev-parse", "HEAD")
+    (package / "__init__.py").write_text("changed")
+    assert source_tags(package)["tripcast.git_commit"] == git("rev-parse", "HEAD") + "-dirty"

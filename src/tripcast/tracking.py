@@ -34,10 +34,16 @@ def configure(settings: Settings) -> MlflowClient:
     return client
 
 
-def source_tags() -> dict[str, str]:
-    """Git commit (with a -dirty suffix for uncommitted changes) and package version for lineage."""
-    folder = Path(tripcast.__file__).parent
+def source_tags(package: Path | None = None) -> dict[str, str]:
+    """Git commit (with a -dirty suffix for uncommitted changes) and package version for lineage. The commit
+    is only the package's own: installed in a virtual environment inside some other repository (a user's
+    project), the package's files are not tracked there, and that repository's commit would be a false lineage.
+    """
+    folder = package or Path(tripcast.__file__).parent
     try:
+        # Fails (exit status 1) unless this very file is tracked by the repository around it.
+        subprocess.run(["git", "ls-files", "--error-unmatch", "__init__.py"], cwd=folder, capture_output=True,
+                       timeout=10, check=True)
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
