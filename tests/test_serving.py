@@ -285,19 +285,32 @@ def test_metrics_of_several_workers_add_up_whichever_answers_the_scrape(world: d
     api = subprocess.Popen([sys.executable, "-m", "tripcast", "serve", "--port", str(port), "--workers", "2"],
                            env=os.environ | world["env"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
+
+    def scrape() -> dict[str, float]:
+        families = text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text)
+        return {s.name + str(sorted(s.labels.items())): s.value for f in families for s in f.samples}
+
     try:
         eventually(lambda: httpx.get(f"{url}/ready", timeout=1).status_code == 200, 90, (httpx.TransportError,))
+        eventually(lambda: len({httpx.get(f"{url}/model", timeout=10).json()["worker"] for _ in range(8)}) == 2, 60)
+        # The first scrape counts the worker that did not answer it too: its figures used to be those of its
+        # own last scrape (here: none, so "store down" and one reload for the two workers). Each worker
+        # publishes its figures every second.
+        time.sleep(2.5)
+        first = scrape()
+        assert first["tripcast_log_store_up[]"] == 1 and first["tripcast_model_reloads[('alias', 'champion')]"] == 2
         rides = [{**COURSE_RIDE, "ride_id": f"workers-{i}"} for i in range(300)]
         with ThreadPoolExecutor(8) as pool:  # a new connection each: the kernel spreads them over both workers
             codes = list(pool.map(lambda r: httpx.post(f"{url}/predict", json=r, timeout=10).status_code, rides))
         assert codes == [200] * 300
         for _ in range(6):  # each scrape lands on either worker, and must count both
-            families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
-            served = {s.labels["status"]: s.value for s in families["tripcast_requests"].samples
-                      if s.name == "tripcast_requests_total" and s.labels["path"] == "/predict"}
-            predicted = sum(s.value for s in families["tripcast_predictions"].samples
-                            if s.name == "tripcast_predictions_total")
-            assert served == {"200": 300.0} and predicted == 300.0
+            figures = scrape()
+            served = {k: v for k, v in figures.items() if k.startswith("tripcast_requests_total")
+                      and "('path', '/predict')" in k}
+            predicted = sum(v for k, v in figures.items() if k.startswith("tripcast_predictions_total"))
+            assert list(served.values()) == [300.0] and "('status', '200')" in next(iter(served))
+            assert predicted == 300.0
+        eventually(lambda: scrape()["tripcast_log_written[]"] == 300)  # both workers' writers, however scraped
     finally:
         api.terminate()
         api.wait(timeout=30)

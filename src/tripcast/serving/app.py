@@ -3,6 +3,7 @@
 Run with ``tripcast serve`` (uvicorn). The model is always resolved from the registry by alias, never a path.
 """
 
+import asyncio
 import functools
 import gc
 import os
@@ -219,8 +220,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     max_body = max(1 << 20, 2048 * settings.batch_limit)
     labels = label_batch(settings.batch_limit)
 
+    def publish() -> None:
+        """This worker's figures into its gauges. With several workers a scrape is answered by one of them, from
+        every worker's last published figures: each publishes every second, or the others' figures were as old
+        as their last scrape (a new server said the store was down, and an outage could go unseen)."""
+        metrics.queue_depth.set(predlog.depth)
+        metrics.logs_dropped.set(predlog.dropped)
+        metrics.logs_spooled.set(predlog.spooled)
+        metrics.logs_replayed.set(predlog.replayed)
+        metrics.logs_written.set(predlog.written)
+        metrics.store_up.set(1 if predlog.store_up else 0)
+        for holder in holders:
+            metrics.reloads.labels(holder.alias).set(holder.reloads)
+            metrics.reload_failures.labels(holder.alias).set(holder.failures)
+            metrics.served_version.labels(holder.alias).set(int(holder.current.version) if holder.current else 0)
+
+    async def publish_every_second() -> None:
+        while True:
+            publish()
+            await asyncio.sleep(1)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        publisher = asyncio.create_task(publish_every_second()) if metrics.multiprocess else None
         for holder in holders:
             await run_in_threadpool(holder.refresh)
         # Everything loaded so far (MLflow, pandas, the models: ~300k objects) lives as long as the process.
@@ -232,6 +254,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         watcher.stop()
         await run_in_threadpool(predlog.stop)
+        if publisher is not None:
+            publisher.cancel()
         if metrics.multiprocess:  # this worker's "live" gauges leave the sums
             multiprocess.mark_process_dead(os.getpid())
 
@@ -301,12 +325,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse)  # documented as text: Prometheus' exposition format
     async def prometheus() -> Response:
-        metrics.queue_depth.set(predlog.depth)
-        metrics.logs_dropped.set(predlog.dropped)
-        metrics.logs_spooled.set(predlog.spooled)
-        metrics.logs_replayed.set(predlog.replayed)
-        metrics.logs_written.set(predlog.written)
-        metrics.store_up.set(1 if predlog.store_up else 0)
+        publish()
         try:
             latest = await run_in_threadpool(lambda: dashboard.latest(shared(store_url), settings.window))
         except SQLAlchemyError:
@@ -316,10 +335,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for row in latest:
             if row["value"] is not None:
                 metrics.monitoring.labels(row["metric"], row["model_version"]).set(row["value"])
-        for holder in holders:
-            metrics.reloads.labels(holder.alias).set(holder.reloads)
-            metrics.reload_failures.labels(holder.alias).set(holder.failures)
-            metrics.served_version.labels(holder.alias).set(int(holder.current.version) if holder.current else 0)
         return Response(generate_latest(metrics.exposed), media_type=CONTENT_TYPE_LATEST)
 
     def admin(authorization: Annotated[str | None, Header()] = None) -> None:
