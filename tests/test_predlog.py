@@ -184,9 +184,13 @@ def test_the_writer_flushes_in_the_background_and_counts_what_the_bounds_refuse(
     assert ids.str.startswith("first").sum() == 900 and ids.str.startswith("second").sum() == 100
     assert ids.str.startswith("over").sum() == 200 and not ids.str.startswith("refused").any()
     assert (logged["shadow_prediction"] == 1.5).all() and (logged["shadow_version"] == "4").all()  # spooled too
-    # The spell is said once when rows start going to the spool and once when the store has caught up.
-    assert [r.getMessage()[:40] for r in caplog.records if r.name == predlog.__name__] == [
-        "prediction log: predictions come faster ", "prediction log: the store has caught up "]
+    # Each spell is said once when it starts and once when it ends: rows refused, rows going to the spool.
+    assert [r.getMessage()[:50] for r in caplog.records if r.name == predlog.__name__] == [
+        "prediction log: predictions come faster than the s",  # ... store and the spool together take them
+        "prediction log: predictions come faster than the s",  # ... store takes them; rows past the queue ...
+        "prediction log: the store has caught up (the spool",
+        "prediction log: no longer dropping rows (900 dropp"]
+    assert "spool together" in caplog.records[0].getMessage() and caplog.records[0].levelname == "ERROR"
 
 
 def test_while_the_store_is_down_a_backlog_is_spooled_at_once_and_replayed_later(tmp_path: Path, caplog) -> None:

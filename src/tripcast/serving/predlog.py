@@ -72,6 +72,9 @@ class PredictionLog:
         self.spooled = 0
         self.replayed = 0
         self.dropped = 0
+        self.refused = 0  # of which refused by ``put``, both lists being full
+        self._refused_seen = 0
+        self._refusing_since: int | None = None  # ``refused`` when the spell of refusals began
         self.store_up = True
         self.behind = False  # rows have gone to the spool because the store did not keep up
         self._spool_failing = False
@@ -95,6 +98,7 @@ class PredictionLog:
                 self._overflow.append(rows)
             else:
                 self.dropped += len(rows)
+                self.refused += len(rows)
 
     @property
     def depth(self) -> int:
@@ -113,6 +117,7 @@ class PredictionLog:
     def _run(self) -> None:
         while True:
             stopping = self._stop.wait(self.flush_seconds)
+            self._say_refusals()
             self._spill()
             with self._lock:
                 taken, self._pending = self._pending, []
@@ -143,6 +148,19 @@ class PredictionLog:
             while not (self._pending or self._overflow or self._stop.is_set()) and self.spool.exists():
                 if not self._write([]):
                     break
+
+    def _say_refusals(self) -> None:
+        """Rows refused by ``put`` are counted there (on the request path); said here, once when it starts and
+        once when a wake finds no new refusals."""
+        refused = self.refused
+        if refused > self._refused_seen and self._refusing_since is None:
+            log.error("prediction log: predictions come faster than the store and the spool together take them; "
+                      "rows past both bounds (%d rows each) are dropped and counted", self.queue_size)
+            self._refusing_since = self._refused_seen
+        elif refused == self._refused_seen and self._refusing_since is not None:
+            log.warning("prediction log: no longer dropping rows (%d dropped)", refused - self._refusing_since)
+            self._refusing_since = None
+        self._refused_seen = refused
 
     def _spill(self) -> None:
         """Rows past the queue's bound into the spool, to be replayed as the store catches up."""
