@@ -137,24 +137,26 @@ def test_pending_events_are_redelivered_after_a_consumer_crash(client, raw, name
 
 def test_consumers_that_are_gone_leave_the_group(client, raw, names, served) -> None:
     # Each process is a new consumer (host-pid): without this the group's list of consumers only grows.
-    def consumers() -> set[str]:
-        return {c["name"] for c in client.xinfo_consumers(names.input, names.group)}
+    def consumers() -> set[bytes]:
+        return {c["name"] for c in raw.xinfo_consumers(names.input, names.group)}
+
+    crashed = b"crashed-\xff"  # another program's consumer: its name need not even be UTF-8
 
     StreamConsumer(raw, served["holder"], names).ensure_group()
     for event in _events(served["rides"].head(5)):
         client.xadd(names.input, event)
-    client.xreadgroup(names.group, "crashed-consumer", {names.input: ">"}, count=100)  # and dies
+    raw.xreadgroup(names.group, crashed, {names.input: ">"}, count=100)  # and dies
     survivor = StreamConsumer(raw, served["holder"], names, consumer="survivor", claim_idle_ms=200,
                               forget_idle_ms=300, block_ms=100)
     time.sleep(0.4)
     # Idle long enough, but its events are pending: it stays, and removing it in the same step as the check
     # is refused (XGROUP DELCONSUMER would drop its pending events unacknowledged).
     assert survivor.forget_idle() == []
-    assert survivor._forget(keys=[names.input], args=[names.group, "crashed-consumer"]) == -1
+    assert survivor._forget(keys=[names.input], args=[names.group, crashed]) == -1
     _drain(survivor, 5)
     assert client.xlen(names.output) == 5 and client.xpending(names.input, names.group)["pending"] == 0
-    assert consumers() == {"crashed-consumer", "survivor"}
-    eventually(lambda: survivor.step() == 0 and consumers() == {"survivor"})  # its events claimed, it goes
+    assert consumers() == {crashed, b"survivor"}
+    eventually(lambda: survivor.step() == 0 and consumers() == {b"survivor"})  # its events claimed, it goes
     assert survivor.forgotten == 1
 
     # A consumer that stops cleanly leaves at once; another one's events stay with it.
@@ -165,7 +167,7 @@ def test_consumers_that_are_gone_leave_the_group(client, raw, names, served) -> 
     worker.start()
     stop.set()
     worker.join(timeout=10)
-    assert consumers() == {"busy-consumer"}
+    assert consumers() == {b"busy-consumer"}
     assert client.xpending(names.input, names.group)["pending"] == 1
 
 

@@ -402,8 +402,13 @@ def stream(
     # killed outright, the process lost the log rows of events it had already published and acknowledged.
     logging.getLogger("tripcast.streaming").setLevel(logging.INFO)  # a service says when it starts and stops
     stop = threading.Event()
+
+    def request_stop(number: int, _frame: object) -> None:
+        stop.set()
+        signal.signal(number, signal.SIG_DFL)  # a second one ends it at once
+
     for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda *_: stop.set())
+        signal.signal(number, request_stop)
     run_consumer(settings, redis_url, StreamNames(input_stream, output_stream, dead_letter, group), stop, max_len)
 
 

@@ -136,10 +136,10 @@ class StreamConsumer:
         self._next_forget = time.monotonic() + min(60_000, self.forget_idle_ms) / 1000
         gone = []
         for info in self.redis.xinfo_consumers(self.names.input, self.names.group):
-            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-            if name != self.consumer and not info["pending"] and info["idle"] >= self.forget_idle_ms \
+            name = info["name"]  # bytes, as the client reads everything: another program's names may not be UTF-8
+            if name != self.consumer.encode() and not info["pending"] and info["idle"] >= self.forget_idle_ms \
                     and self._forget(keys=[self.names.input], args=[self.names.group, name]) >= 0:
-                gone.append(name)
+                gone.append(name.decode(errors="replace"))
         if gone:
             self.forgotten += len(gone)
             log.info("removed consumer(s) idle for %.0f s with nothing pending from group %s: %s",
