@@ -35,6 +35,23 @@ def compose_env(service: str) -> dict[str, str]:
             for k, v in SERVICES[service].get("environment", {}).items()}
 
 
+def test_the_services_share_what_they_write_for_each_other_and_keep_their_spools() -> None:
+    # The automation service writes the Evidently reports that the API's /dashboard links to: in containers
+    # of their own, each under its own home, every link was a 404. And a spool (predictions waiting for the
+    # monitoring store) in a container's own layer is lost when the container is recreated.
+    dockerfile = (Path(__file__).parents[1] / "Dockerfile").read_text()
+    home = re.search(r"TRIPCAST_HOME=(\S+)", dockerfile)[1]
+
+    def mounts(service: str) -> dict[str, str]:  # path in the container -> named volume
+        return {path: volume for volume, path in (v.split(":")[:2] for v in SERVICES[service].get("volumes", []))}
+
+    assert mounts("api")[f"{home}/reports"] == mounts("automation")[f"{home}/reports"]
+    assert f"{home}/spool" in mounts("api") and f"{home}/spool" in mounts("stream")
+    # The image makes those folders (as its non-root user), so the volumes take that user's ownership.
+    assert 'mkdir -p "$TRIPCAST_HOME/reports" "$TRIPCAST_HOME/spool"' in dockerfile
+    assert dockerfile.index("USER tripcast") < dockerfile.index("mkdir -p \"$TRIPCAST_HOME/reports\"")
+
+
 @pytest.fixture(scope="module")
 def compose_mlflow(postgres_database, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """compose.yaml's MLflow server on a free port: its environment, a fresh PostgreSQL backend and an
