@@ -47,9 +47,13 @@ def test_the_services_share_what_they_write_for_each_other_and_keep_their_spools
 
     assert mounts("api")[f"{home}/reports"] == mounts("automation")[f"{home}/reports"]
     assert f"{home}/spool" in mounts("api") and f"{home}/spool" in mounts("stream")
-    # The image makes those folders (as its non-root user), so the volumes take that user's ownership.
-    assert 'mkdir -p "$TRIPCAST_HOME/reports" "$TRIPCAST_HOME/spool"' in dockerfile
-    assert dockerfile.index("USER tripcast") < dockerfile.index("mkdir -p \"$TRIPCAST_HOME/reports\"")
+    assert f"{home}/predictions" in mounts("api")  # `docker compose run --rm api tripcast score` keeps its output
+    # The image makes every mounted folder as its non-root user, so a new volume takes that user's ownership.
+    made = re.search(r"^RUN mkdir -p (.+)$", dockerfile, re.MULTILINE)
+    assert dockerfile.index("USER tripcast") < made.start()
+    folders = {f.strip('"').replace("$TRIPCAST_HOME", home) for f in made[1].split()}
+    assert {path for service in SERVICES if service in ("api", "automation", "stream")
+            for path in mounts(service)} <= folders
 
 
 @pytest.fixture(scope="module")
