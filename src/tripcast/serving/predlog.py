@@ -14,7 +14,8 @@ bound go to a second list of the same size, which the writer moves to the spool 
 appending a row costs a small fraction of inserting it, so the log keeps up with bursts the store cannot, and
 the store catches up as the spool is replayed. A row is only ever lost when both lists are full, or when the
 spool cannot take it (at its size limit, or a full disk), and then it is counted (``dropped``). Shadow
-predictions are computed here too, per batch, off the response path.
+predictions are computed here too, per batch, off the response path; for rows that went to the spool under
+overload, as they are replayed.
 
 The writer wakes on a timer rather than on every ``put``: waking it per request would hand the GIL to it per
 request, which costs the request path more than the writing does.
@@ -168,9 +169,9 @@ class PredictionLog:
             taken, self._overflow = self._overflow, []
         if not taken:
             return
+        # Without shadow predictions: they cost as much as the rows' own scoring, and are added as the rows are
+        # replayed, when the store has caught up.
         rows = list(chain.from_iterable(taken))
-        if self.shadow is not None:
-            rows = self._add_shadow(rows)
         if self.store_up:  # (while the store is down, this is part of the outage, which is said already)
             if not self.behind:  # said once per spell, and once when it has caught up
                 log.warning("prediction log: predictions come faster than the store takes them; rows past the "
@@ -192,6 +193,8 @@ class PredictionLog:
                 # only moves rows through it twice, and the backlog in memory is what overflows.
                 hot = self._overflowed or self._queued > 2 * self.batch_size
                 pending, replayed_to = ([], None) if hot else self._read_spool(REPLAY_ROWS)
+                if pending and self.shadow is not None:
+                    pending = self._add_shadow(pending)
                 with self._engine.begin() as conn:
                     insert_predictions(conn, pending + rows)
                 if replayed_to is not None:
@@ -233,15 +236,22 @@ class PredictionLog:
         self._spool_failing = False
 
     def _add_shadow(self, rows: list[tuple]) -> list[tuple]:
+        """The rows with the challenger's predictions, where they have none yet."""
+        todo = [i for i, row in enumerate(rows) if row[_SHADOW + 1] is None]
+        if not todo:
+            return rows
         try:
-            scored = self.shadow(rows)
+            scored = self.shadow(rows if len(todo) == len(rows) else [rows[i] for i in todo])
         except Exception as exc:  # a broken challenger must not cost us the log
             log.warning("shadow scoring failed: %s", exc)
             return rows
         if scored is None:
             return rows
         values, version = scored
-        return [(*row[:_SHADOW], float(value), version) for row, value in zip(rows, values, strict=True)]
+        rows = list(rows)
+        for i, value in zip(todo, values, strict=True):
+            rows[i] = (*rows[i][:_SHADOW], float(value), version)
+        return rows
 
     def _append_spool(self, rows: list[tuple]) -> None:
         lines = b"".join(orjson.dumps(row) + b"\n" for row in rows)  # a quarter of json's CPU
