@@ -51,9 +51,22 @@ def _settings(verbose: bool = False) -> Settings:
         # they said "Still processing items" under the one-line error.
         for name in ("prefect", "APILogWorker", "EventsWorker"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-        # urllib3 says "Retrying ..." before every failed call to an MLflow server, beside tripcast's own warning.
+        # urllib3 says "Retrying ..." before every failed call to an MLflow server, beside tripcast's own warning;
+        # psycopg warns of a pipeline it ends after an error that MLflow handled (runs logging one dataset at once).
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+        logging.getLogger("psycopg").setLevel(logging.ERROR)
     return settings
+
+
+def _ready_for_flows(settings: Settings) -> None:
+    """For a command that runs flows on the registry, once its own arguments are checked: the registry must
+    answer (one line within TRIPCAST_REGISTRY_WAIT_SECONDS otherwise, before any data is loaded), and Prefect's
+    local database is made ready."""
+    from tripcast.flows import prepare_local_prefect
+    from tripcast.tracking import require_registry
+
+    require_registry(settings)
+    prepare_local_prefect(Path(os.environ["PREFECT_HOME"]))
 
 
 def _fail(message: str) -> None:
@@ -139,7 +152,13 @@ def train(
         _fail(f"unknown model {model!r}: choose one of {', '.join(FAMILIES)}")
     if (trials or timeout) and model == "linear":
         _fail("model 'linear' has no hyper-parameters to tune; use ridge, lasso or lightgbm")
-    _settings(verbose)
+    from tripcast.data import tlc
+
+    tlc.check_color(color)
+    for month in (train_month, val_month):  # a malformed month in a moment, before the registry and Prefect
+        if month is not None:
+            tlc.Month.parse(month)
+    _ready_for_flows(_settings(verbose))
     from tripcast.flows.train import train_flow
 
     result = train_flow(color, train_month, val_month, model, trials, timeout, promote=not no_promote)
@@ -168,7 +187,11 @@ def evaluate(
     verbose: Verbose = False,
 ) -> None:
     """Score a registered model on a month it has not seen."""
-    _settings(verbose)
+    from tripcast.data import tlc
+
+    tlc.check_color(color)
+    tlc.Month.parse(month)
+    _ready_for_flows(_settings(verbose))
     from tripcast.flows.train import evaluate_flow
 
     result = evaluate_flow(color, month, alias)
@@ -185,7 +208,11 @@ def score(
     verbose: Verbose = False,
 ) -> None:
     """Batch-score months with a registered model into predictions/<colour>/<YYYY-MM>.parquet."""
-    _settings(verbose)
+    from tripcast.data import tlc
+
+    tlc.check_color(color)
+    tlc.month_range(month, to or month)
+    _ready_for_flows(_settings(verbose))
     from tripcast.flows.score import score_flow
 
     result = score_flow(color, month, to, alias)
@@ -198,6 +225,7 @@ def score(
 def quickstart(verbose: Verbose = False) -> None:
     """The main job: green 2021-01..03; baseline, linear, LightGBM; promote the best; test on 2021-03."""
     settings = _settings(verbose)
+    _ready_for_flows(settings)
     from tripcast.flows.train import quickstart_flow
 
     result = quickstart_flow()
@@ -250,7 +278,6 @@ def monitor(
     settings = _settings(verbose)
     from datetime import datetime
 
-    from tripcast.flows.monitor import monitor_flow
     from tripcast.monitoring.windows import window_of
 
     window_of(window or settings.window, datetime.now())  # an unknown window length fails here, in one line
@@ -260,6 +287,9 @@ def monitor(
                 datetime.fromisoformat(value)
             except ValueError:
                 _fail(f"--{name} {value!r} is not an ISO date or date-time (e.g. 2021-02-01)")
+    _ready_for_flows(settings)
+    from tripcast.flows.monitor import monitor_flow
+
     result = monitor_flow(window, since, until, automate)
     if not result["windows"]:
         out.print(result.get("note", "nothing to monitor"))
@@ -304,11 +334,13 @@ def loop(
 ) -> None:
     """Rehearse the loop: replay months as traffic, labels later, monitor, retrain, promote; print a timeline."""
     settings = _settings(verbose)
-    from tripcast.rehearsal import LoopOptions, run_loop, save_timeline, timeline_rows
+    from tripcast.rehearsal import LoopOptions, check_options, run_loop, save_timeline, timeline_rows
 
     options = LoopOptions(color=color, first=first, last=last, sample=sample, speedup=speedup,
                           label_delay=label_delay, drift=drift, drift_from=drift_from, drift_strength=drift_strength,
                           api_url=api_url)
+    check_options(options, settings)
+    _ready_for_flows(settings)
 
     def progress(window, rides: int, outcome: dict) -> None:
         note = f" alerts {len(outcome['alerts'])}" if outcome["alerts"] else ""
@@ -375,7 +407,8 @@ def serve(
                "Ctrl-C stops it")
     try:
         uvicorn.run("tripcast.serving.app:create_app", factory=True, host=host, port=port, workers=workers,
-                    log_level="info" if verbose else "warning", access_log=verbose)
+                    log_level="info" if verbose else "warning", access_log=verbose,
+                    http="tripcast.serving.http:BoundedHttpToolsProtocol")  # header size and read timeouts
     finally:
         if shared:
             shutil.rmtree(shared, ignore_errors=True)
@@ -415,17 +448,23 @@ def stream(
 # --- registry ------------------------------------------------------------------------------------------
 def _registry():
     from tripcast.registry import Registry
+    from tripcast.tracking import require_registry
 
-    return Registry(_settings())
+    settings = _settings()
+    require_registry(settings)
+    return Registry(settings)
 
 
 @models_app.command("list")
 def models_list() -> None:
     """Versions with their aliases, validation RMSE and the last decision."""
+    from tripcast.registry import CHAMPION, rolled_back
+
     registry = _registry()
     aliases: dict[str, list[str]] = {}
     for alias, version in registry.aliases().items():
         aliases.setdefault(version, []).append(alias)
+    champion = next((v for v, names in aliases.items() if CHAMPION in names), None)
     table = Table("version", "aliases", "model", "val RMSE", "rule", "decision", title=registry.name)
     for mv in registry.versions():
         run = registry.client.get_run(mv.run_id) if mv.run_id else None
@@ -433,7 +472,7 @@ def models_list() -> None:
         table.add_row(str(mv.version), ", ".join(aliases.get(str(mv.version), [])), mv.tags.get("model", ""),
                       f"{metrics.get('val_rmse', float('nan')):.3f}",
                       f"{metrics.get('baseline_val_rmse', float('nan')):.3f}",
-                      mv.tags.get("promotion.decision", "") + (" (rolled back)" if "rollback.at" in mv.tags else ""))
+                      mv.tags.get("promotion.decision", "") + (" (rolled back)" if rolled_back(mv, champion) else ""))
     out.print(table if table.row_count else f"no versions of {registry.name} yet: tripcast train")
 
 

@@ -4,6 +4,9 @@ Every path the embedded profile writes lives under ``TRIPCAST_HOME`` (default ``
 laptop run needs nothing set up: MLflow uses a SQLite file and a local artifact folder, Prefect gets its
 own home. The production profile only changes ``TRIPCAST_TRACKING_URI`` (an MLflow server or a
 ``postgresql://`` backend store).
+
+Settings are parsed here, once: every number has its range and every choice its values (pydantic checks
+them), and a value outside them is one line naming the setting and what it may be.
 """
 
 from __future__ import annotations
@@ -11,77 +14,113 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import annotated_types
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.dataclasses import dataclass
 
 from tripcast.errors import TripcastError
 
 TLC_BASE_URL = "https://d37ci6vzurychx.cloudfront.net/trip-data"
 ENV_PREFIX = "TRIPCAST_"
 
+Seconds = Annotated[float, Field(gt=0)]
+Days = Annotated[float, Field(ge=0)]
+Share = Annotated[float, Field(ge=0, le=1)]
+Count = Annotated[int, Field(ge=1)]
+Name = Annotated[str, Field(min_length=1)]
+
 
 class ConfigError(TripcastError, ValueError):
     """A setting has a value tripcast cannot use."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(allow_inf_nan=False, extra="forbid"))
 class Settings:
     home: Path = Path(".tripcast")
     # Where the monthly files come from: the TLC's address, or a mirror (directory, file:// or http(s)://).
-    tlc_base_url: str = TLC_BASE_URL
+    tlc_base_url: Name = TLC_BASE_URL
     tlc_mirror: str | None = None
-    download_retries: int = 4
-    download_backoff_seconds: float = 2.0
-    download_timeout_seconds: float = 60.0
+    download_retries: Annotated[int, Field(ge=1, le=20)] = 4
+    download_backoff_seconds: Annotated[float, Field(ge=0, le=300)] = 2.0
+    download_timeout_seconds: Seconds = 60.0
     # MLflow. None means the embedded SQLite store under home.
     tracking_uri: str | None = None
-    experiment: str = "tripcast"
-    model_name: str = "tripcast-duration"
+    experiment: Name = "tripcast"
+    model_name: Name = "tripcast-duration"
+    # How long a command waits for the registry (an MLflow server or database) to answer before it gives up.
+    registry_wait_seconds: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    # A model version is loaded and checked in a separate process before it is served; this bounds that check.
+    verify_timeout_seconds: Annotated[float, Field(ge=5, le=3600)] = 120.0
     # Target filter (minutes) and the promotion policy.
-    min_duration: float = 1.0
-    max_duration: float = 60.0
-    max_distance: float | None = None  # miles; None keeps the course's filters (duration only)
-    promotion_margin: float = 0.01  # relative RMSE improvement a challenger needs over the champion
+    min_duration: Annotated[float, Field(ge=0)] = 1.0
+    max_duration: Annotated[float, Field(gt=0, le=24 * 60)] = 60.0
+    max_distance: Annotated[float, Field(gt=0)] | None = None  # miles; None keeps the course's filters
+    promotion_margin: Annotated[float, Field(ge=0, lt=1)] = 0.01  # relative RMSE gain needed over the champion
     progress: bool = True
     # Serving (see tripcast.serving): alias followed, traffic policy, prediction log.
-    serve_alias: str = "champion"
-    poll_seconds: float = 10.0
+    serve_alias: Name = "champion"
+    poll_seconds: Annotated[float, Field(ge=0.05, le=86_400)] = 10.0
     admin_token: str | None = None
-    traffic_mode: str = "champion"  # champion | ab | shadow
-    challenger_weight: float = 0.1  # share of rides the challenger serves in "ab" mode
-    batch_limit: int = 10_000
+    traffic_mode: Literal["champion", "ab", "shadow"] = "champion"
+    challenger_weight: Share = 0.1  # share of rides the challenger serves in "ab" mode
+    batch_limit: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     monitoring_uri: str | None = None  # SQLAlchemy URL of the monitoring store; None: SQLite under home
-    log_queue_size: int = 100_000
+    log_queue_size: Count = 100_000
     # Rows per transaction of the log writer. Each row's ride_id lands on a random page of its index, and a
     # transaction writes every page it touched once: on a 2M-row SQLite store, 20,000-row transactions cost
     # 5.6 us of CPU per row where 1,000-row ones cost 11.6 (bench/predlog.py).
-    log_batch_size: int = 20_000
-    log_flush_seconds: float = 0.5
-    # The spool (the store down, or behind) stops taking rows at this size, so it cannot fill the disk; rows
-    # are then dropped and counted. ~8,000 rows a MB: 2 GB hold an hour of a 4,500 predictions/s outage.
-    log_spool_max_mb: float = 2048
+    log_batch_size: Count = 20_000
+    log_flush_seconds: Annotated[float, Field(gt=0, le=60)] = 0.5
+    # The journal (answered predictions not yet in the store) stops taking rows at this size, so it cannot fill
+    # the disk; rows are then dropped and counted. ~8,000 rows a MB: 2 GB hold an hour of a 4,500/s outage.
+    log_spool_max_mb: Annotated[float, Field(gt=0)] = 2048
+    # When the journal reaches the disk itself: "off" leaves it to the OS (a killed process loses nothing, a
+    # power cut may), "interval" every flush, "always" before each answer (requests share one fsync).
+    log_fsync: Literal["off", "interval", "always"] = "interval"
+    # HTTP limits of `tripcast serve`: a request's headers, and how long its headers and its body may take.
+    http_max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 16_384
+    http_header_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    http_body_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     # Monitoring (see tripcast.monitoring): windows of logged predictions and their thresholds. The defaults
     # were measured on green 2021-2023: weekly 2021 windows stay below them, 2023 windows do not.
-    window: str = "week"  # day | week (a day of green taxi rides is too few for stable zone statistics)
-    min_window_rows: int = 500  # fewer rides than this in a window: no drift verdict
-    drift_threshold: float = 0.1  # per column: Jensen-Shannon (zones) / normed Wasserstein (numbers)
-    drift_share: float = 0.5  # share of drifted features that makes the dataset drifted
-    od_drift_threshold: float = 0.12  # Jensen-Shannon distance of the zone-pair mix
-    rmse_increase: float = 0.2  # accuracy alert at RMSE >= (1 + this) x the version's validation RMSE
-    alert_windows: int = 1  # consecutive breached windows before a rule fires
+    window: Literal["day", "week"] = "week"  # a day of green taxi rides is too few for stable zone statistics
+    min_window_rows: Count = 500  # fewer rides than this in a window: no drift verdict
+    drift_threshold: Annotated[float, Field(gt=0)] = 0.1  # per column: Jensen-Shannon / normed Wasserstein
+    drift_share: Annotated[float, Field(gt=0, le=1)] = 0.5  # share of drifted features: the dataset drifted
+    od_drift_threshold: Annotated[float, Field(gt=0, le=1)] = 0.12  # Jensen-Shannon distance of the pair mix
+    rmse_increase: Annotated[float, Field(gt=0)] = 0.2  # accuracy alert at RMSE >= (1 + this) x validation RMSE
+    alert_windows: Annotated[int, Field(ge=1, le=100)] = 1  # consecutive breached windows before a rule fires
     alert_webhook_url: str | None = None
-    alert_webhook_attempts: int = 3
+    alert_webhook_attempts: Annotated[int, Field(ge=1, le=20)] = 3
     # The automation policy: alert -> retrain on recent labelled rides -> promote or reject.
     automate: bool = True
-    retrain_model: str = "lightgbm"
-    retrain_lookback_days: float = 28.0  # labelled rides this far before the evaluation window train it
-    retrain_min_rows: int = 5_000  # fewer labelled rides: no retrain (deferred)
-    promotion_min_rows: int = 1_000  # fewer labelled rides in the evaluation window: no promotion
-    retrain_cooldown_days: float = 7.0  # event time between two retrains
-    retrain_max: int = 3  # at most this many retrains ...
-    retrain_period_days: float = 30.0  # ... per this period (event time)
-    extra: dict[str, Any] = field(default_factory=dict)
+    retrain_model: Name = "lightgbm"
+    retrain_lookback_days: Annotated[float, Field(gt=0)] = 28.0  # labelled rides this far before evaluation
+    retrain_min_rows: Count = 5_000  # fewer labelled rides: no retrain (deferred)
+    promotion_min_rows: Count = 1_000  # fewer labelled rides in the evaluation window: no promotion
+    retrain_cooldown_days: Days = 7.0  # event time between two retrains
+    retrain_max: Count = 3  # at most this many retrains ...
+    retrain_period_days: Annotated[float, Field(gt=0)] = 30.0  # ... per this period (event time)
+
+    @field_validator("retrain_model")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        from tripcast.models import FAMILIES  # on use: serving a model need not import every family
+
+        if value not in FAMILIES:
+            raise ValueError(f"one of {', '.join(FAMILIES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _durations_ordered(self) -> Settings:
+        if self.min_duration >= self.max_duration:
+            raise ValueError(f"min_duration ({self.min_duration:g}) must be below max_duration "
+                             f"({self.max_duration:g})")
+        return self
 
     @property
     def data_dir(self) -> Path:
@@ -121,52 +160,75 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-def _coerce(name: str, raw: Any, annotation: str) -> Any:
+def allowed(name: str) -> str:
+    """What a setting may be, in words: its choices, or its type and range."""
+    info = Settings.__pydantic_fields__[name]
+    annotation, metadata = info.annotation, list(info.metadata)
+    inner = [a for a in get_args(annotation) if a is not type(None)]
+    if len(inner) == 1:  # optional: the value's own type and constraints
+        annotation = inner[0]
+        if get_origin(annotation) is Annotated:
+            annotation, *extra = get_args(annotation)
+            metadata += [m for f in extra for m in getattr(f, "metadata", [f])]
+    choices = get_args(annotation)
+    if choices and all(isinstance(c, str) for c in choices):
+        return "one of " + ", ".join(choices)
+    kind = {int: "a whole number", float: "a number", bool: "true or false", str: "a non-empty text",
+            Path: "a path"}.get(annotation, "a value")
+    bounds = [f"{word} {_number(getattr(m, attr))}" for m in metadata for cls, (word, attr) in _BOUNDS.items()
+              if isinstance(m, cls)]
+    return kind + (" " + " and ".join(bounds) if bounds else "") + (" (or empty: unset)" if inner else "")
+
+
+def _number(value: float) -> str:
+    return f"{value:,}" if float(value).is_integer() and abs(value) >= 10_000 else f"{value:g}"
+
+
+_BOUNDS = {annotated_types.Ge: ("≥", "ge"), annotated_types.Gt: (">", "gt"), annotated_types.Le: ("≤", "le"),
+           annotated_types.Lt: ("<", "lt")}
+
+
+def _settings(values: dict[str, Any], labels: dict[str, str]) -> Settings:
+    """``Settings(**values)``; a value it refuses is one line naming where it came from and what is allowed."""
     try:
-        if annotation in ("Path",):
-            return Path(raw).expanduser()
-        if annotation.startswith("int"):
-            return int(raw)
-        if annotation.startswith("float"):
-            return float(raw)
-        if annotation.startswith("bool"):
-            if isinstance(raw, bool):
-                return raw
-            return str(raw).strip().lower() in ("1", "true", "yes", "on")
-        if annotation.startswith("str"):
-            return str(raw) if raw not in ("", None) else None
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"setting {name}={raw!r} is not a valid {annotation}") from exc
-    return raw
+        return Settings(**values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error["loc"] else ""
+        if name not in labels:  # a rule across settings: named as the user set them
+            message = error["msg"].removeprefix("Value error, ")
+            for key, label in labels.items():
+                message = message.replace(key, label)
+            raise ConfigError(f"settings: {message}") from None
+        detail = allowed(name) if error["type"] not in ("value_error",) else error["msg"].removeprefix(
+            "Value error, ")
+        raise ConfigError(f"{labels[name]}={values[name]!r} is not allowed: it must be {detail}") from None
 
 
 def load_settings(config_file: Path | None = None, env: dict[str, str] | None = None) -> Settings:
     """Read ``tripcast.toml`` (if present) and then ``TRIPCAST_*`` variables, which win."""
     env = dict(os.environ) if env is None else env
     config_file = config_file or Path(env.get(f"{ENV_PREFIX}CONFIG", "tripcast.toml"))
+    known = {f.name for f in fields(Settings)}
     values: dict[str, Any] = {}
-    known = {f.name: str(f.type) for f in fields(Settings) if f.name != "extra"}
+    labels: dict[str, str] = {}
     if config_file.is_file():
         try:
             table = tomllib.loads(config_file.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{config_file} is not valid TOML: {exc}") from exc
-        table = table.get("tripcast", table)
-        for key, raw in table.items():
+        for key, raw in table.get("tripcast", table).items():
             if key not in known:
                 raise ConfigError(f"{config_file}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
-            values[key] = _coerce(key, raw, known[key])
-    for key, annotation in known.items():
+            values[key], labels[key] = raw, f"{config_file}: {key}"
+    for key in known:
         raw = env.get(ENV_PREFIX + key.upper())
         if raw is not None:
-            values[key] = _coerce(ENV_PREFIX + key.upper(), raw, annotation)
-    settings = Settings(**values)
-    if settings.min_duration >= settings.max_duration:
-        raise ConfigError("min_duration must be below max_duration")
-    if settings.traffic_mode not in ("champion", "ab", "shadow"):
-        raise ConfigError(f"traffic_mode {settings.traffic_mode!r}: choose champion, ab or shadow")
-    if settings.window not in ("day", "week"):
-        raise ConfigError(f"window {settings.window!r}: choose day or week")
-    if not 0.0 <= settings.challenger_weight <= 1.0:
-        raise ConfigError("challenger_weight must be between 0 and 1")
-    return settings
+            # An empty variable unsets an optional setting (TRIPCAST_TRACKING_URI= means the embedded store).
+            values[key] = None if raw == "" and _optional(key) else raw
+            labels[key] = ENV_PREFIX + key.upper()
+    return _settings(values, labels)
+
+
+def _optional(name: str) -> bool:
+    return Settings.__dataclass_fields__[name].default is None

@@ -23,3 +23,11 @@ class SourceUnavailableError(DataError):
 
 class RegistryError(TripcastError):
     """The model registry cannot do what was asked (no champion, unknown version, ...)."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """The tracking server or database does not answer."""
+
+
+class ModelVerificationError(RegistryError):
+    """A model version failed its checks (digests, a load in a separate process, recorded predictions)."""

@@ -8,20 +8,27 @@ keeps ``champion_history`` (JSON list of versions, oldest first) so that ``rollb
 from __future__ import annotations
 
 import json
+import logging
+import os
 import tempfile
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tripcast import locks
 from tripcast.config import Settings
-from tripcast.errors import RegistryError
-from tripcast.models import TripDurationPipeline
+from tripcast.errors import ModelVerificationError, RegistryError
+from tripcast.models import TripDurationPipeline, verify
 from tripcast.tracking import mlflow_client
+
+log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
@@ -76,6 +83,8 @@ class Registry:
         self.settings = settings
         self.name = settings.model_name
         self.client: MlflowClient = mlflow_client(settings)
+        # Downloads name their store: MLflow's global URI is the last Registry's, not necessarily this one's.
+        self._uris = {"tracking_uri": settings.resolved_tracking_uri, "registry_uri": settings.resolved_tracking_uri}
 
     # --- reading -------------------------------------------------------------------------------------
     def version(self, version: str | int) -> ModelVersion:
@@ -122,14 +131,89 @@ class Registry:
         return [str(v) for v in json.loads(tags.get(HISTORY_TAG, "[]"))]
 
     def load_pipeline(self, alias_or_version: str) -> tuple[ModelVersion, TripDurationPipeline]:
-        """The pipeline of a version (by number or alias), read from its artifacts without pyfunc."""
+        """The pipeline of a version (by number or alias), read from its artifacts without pyfunc, and only
+        once it has passed verification (``tripcast.models.verify``); ModelVerificationError if it does not."""
         mv = self.resolve(alias_or_version)
         if mv is None:
             raise RegistryError(f"{self.name} has no version with alias {alias_or_version!r}; train one first "
                                 "(tripcast train) or promote one (tripcast models promote VERSION)")
-        with tempfile.TemporaryDirectory() as tmp:
-            local = mlflow.artifacts.download_artifacts(f"models:/{self.name}/{mv.version}", dst_path=tmp)
-            return mv, TripDurationPipeline.load(Path(local) / "artifacts" / "pipeline")
+        return mv, self.verified_pipeline(mv)
+
+    def verified_pipeline(self, mv: ModelVersion) -> TripDurationPipeline:
+        """Digests as training recorded them, a load in a separate process, then the predictions training
+        recorded, before the pipeline is returned. Failing any: ModelVerificationError naming the version."""
+        version = str(mv.version)
+        try:
+            if not mv.run_id:
+                raise ModelVerificationError("it has no training run: nothing to check it against")
+            recorded = self.recorded_digests(mv)
+            reference = self.reference_path(mv, recorded)
+            with tempfile.TemporaryDirectory() as tmp:
+                local = mlflow.artifacts.download_artifacts(f"models:/{self.name}/{version}", dst_path=tmp,
+                                                            **self._uris)
+                folder = Path(local) / "artifacts" / verify.PIPELINE_ARTIFACT
+                found = verify.pipeline_digests(folder)
+                if recorded is not None:
+                    verify.check_digests({k: v for k, v in recorded.items()
+                                          if k.startswith(verify.PIPELINE_ARTIFACT + "/")}, found)
+                verify.check_once_in_subprocess(folder, found, reference, self.settings.verify_timeout_seconds,
+                                                self.settings.home / "verified")
+                pipeline = TripDurationPipeline.load(folder)
+            verify.check_predictions(pipeline, pd.read_parquet(reference))
+        except ModelVerificationError as exc:
+            raise type(exc)(f"{self.name} version {version} failed verification: {exc}") from None
+        return pipeline
+
+    def recorded_digests(self, mv: ModelVersion) -> dict[str, str] | None:
+        """What training recorded of the version's files; None (and a warning) for versions logged before."""
+        run = self.client.get_run(mv.run_id) if mv.run_id else None
+        recorded = verify.recorded_digests(run.data.tags) if run is not None else None
+        if recorded is None:
+            log.warning("%s version %s has no recorded digests (logged by an earlier tripcast): it is checked by "
+                        "its predictions only", self.name, mv.version)
+        return recorded
+
+    def reference_path(self, mv: ModelVersion, recorded: dict[str, str] | None = None) -> Path:
+        """The version's reference rides with the predictions recorded at training (monitoring's baseline and
+        verification's), cached under TRIPCAST_HOME and checked against its recorded digest."""
+        recorded = self.recorded_digests(mv) if recorded is None else recorded
+        expected = (recorded or {}).get(verify.REFERENCE_ARTIFACT)
+        path = self.settings.home / "references" / f"{self.name}-v{mv.version}.parquet"
+        if path.exists() and (expected is None or verify.sha256(path) == expected):
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            try:
+                local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=verify.REFERENCE_ARTIFACT,
+                                                            dst_path=tmp, **self._uris)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                raise ModelVerificationError(f"{verify.REFERENCE_ARTIFACT} is missing") from None
+            if expected is not None and verify.sha256(Path(local)) != expected:
+                raise ModelVerificationError(f"{verify.REFERENCE_ARTIFACT} is not the file training logged (its "
+                                             "SHA-256 differs)")
+            os.replace(local, path)
+        return path
+
+    def training_period(self, mv: ModelVersion) -> tuple[datetime, datetime] | None:
+        """When the rides a version was trained on were picked up: [start, end); None if not recorded."""
+        tags = self.client.get_run(mv.run_id).data.tags if mv.run_id else {}
+        if "tripcast.train_start" in tags:
+            return (datetime.fromisoformat(tags["tripcast.train_start"]),
+                    datetime.fromisoformat(tags["tripcast.train_end"]))
+        label = tags.get("tripcast.train_month", "")  # versions logged before the period was recorded
+        if ".." in label:
+            start, end = label.split("..")
+            return datetime.fromisoformat(start), datetime.fromisoformat(end)
+        if len(label) == 7:
+            year, month = int(label[:4]), int(label[5:])
+            return datetime(year, month, 1), datetime(year + month // 12, month % 12 + 1, 1)
+        return None
+
+    def decision_lock(self) -> AbstractContextManager[None]:
+        """Held around read-champion -> decide -> apply, so that concurrent runs decide one at a time."""
+        return locks.exclusive(f"registry-{self.name}", self.settings)
 
     # --- writing -------------------------------------------------------------------------------------
     def register(self, model_uri: str, run_id: str, tags: dict[str, str] | None = None) -> ModelVersion:
@@ -154,15 +238,27 @@ class Registry:
         return self.version(version)
 
     def promote(self, version: str | int, reason: str = "manual promotion") -> ModelVersion:
-        version = str(self.version(version).version)
+        """An operator's promotion: the version must pass verification (serving would refuse it anyway)."""
+        mv = self.version(version)
+        self.verified_pipeline(mv)
+        version = str(mv.version)
+        with self.decision_lock():
+            self._promote(version, reason)
+        return self.version(version)
+
+    def _promote(self, version: str, reason: str) -> None:
         self.client.set_model_version_tag(self.name, version, "promotion.decision", "promoted")
         self.client.set_model_version_tag(self.name, version, "promotion.reason", reason)
         self.client.set_model_version_tag(self.name, version, "promotion.at", _now())
         self._make_champion(version)
-        return self.version(version)
 
     def rollback(self) -> tuple[str, str]:
-        """Move ``champion`` back to the previous champion; returns (from_version, to_version)."""
+        """Move ``champion`` back to the previous champion, which must pass verification; returns (from_version,
+        to_version)."""
+        with self.decision_lock():
+            return self._rollback()
+
+    def _rollback(self) -> tuple[str, str]:
         history = self.history()
         current = self.current(CHAMPION)
         if current is not None and (not history or history[-1] != current):
@@ -171,6 +267,7 @@ class Registry:
             raise RegistryError(f"{self.name} has no previous champion to roll back to")
         history.pop()
         target = history[-1]
+        self.verified_pipeline(self.version(target))
         self.client.set_registered_model_alias(self.name, CHAMPION, target)
         self.client.set_model_version_tag(self.name, current, "rollback.at", _now())
         self.client.set_model_version_tag(self.name, current, "rollback.to", target)
@@ -191,3 +288,10 @@ class Registry:
 
     def _save_history(self, history: list[str]) -> None:
         self.client.set_registered_model_tag(self.name, HISTORY_TAG, json.dumps(history))
+
+
+def rolled_back(mv: ModelVersion, champion: str | None) -> bool:
+    """Whether a version's last word is a rollback away from it (not so if it is champion again, or was
+    promoted since)."""
+    at = mv.tags.get("rollback.at")
+    return at is not None and str(mv.version) != champion and at >= mv.tags.get("promotion.at", "")

@@ -75,11 +75,15 @@ def free_port() -> int:
 class ApiProcess:
     """``tripcast serve`` in a subprocess on a free loopback port, until ``stop``."""
 
-    def __init__(self, env: dict[str, str], timeout: float = 90) -> None:
+    def __init__(self, env: dict[str, str], timeout: float = 90, output: Path | None = None,
+                 workers: int = 1) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "tripcast", "serve", "--port", str(self.port)],
-                                        env=os.environ | env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.output = output  # where its log goes (default: a pipe, shown if it does not start)
+        sink = output.open("ab") if output is not None else subprocess.PIPE
+        self.process = subprocess.Popen([sys.executable, "-m", "tripcast", "serve", "--port", str(self.port),
+                                         "--workers", str(workers)], env=os.environ | env, stdout=sink,
+                                        stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -91,7 +95,8 @@ class ApiProcess:
                 break
             time.sleep(0.2)
         self.stop()
-        raise TripcastError(f"the API did not become ready:\n{self.process.stdout.read().decode()[-3000:]}")
+        said = self.output.read_bytes() if self.output is not None else self.process.stdout.read()
+        raise TripcastError(f"the API did not become ready:\n{said.decode()[-3000:]}")
 
     def stop(self) -> None:
         self.process.terminate()  # uvicorn shuts down gracefully: the prediction log is flushed
@@ -179,17 +184,23 @@ class _Api:
         self.client.post("/admin/reload", headers=self.admin)
 
 
-def run_loop(options: LoopOptions, settings: Settings, progress=None) -> LoopResult:
-    """Replay, label, monitor and automate window by window; returns the counts and the timeline."""
-    from tripcast.flows.monitor import monitor_flow
-
-    started = time.perf_counter()
+def check_options(options: LoopOptions, settings: Settings) -> None:
+    """Refuse options the loop cannot run with, in one line, before anything starts."""
     tlc.check_color(options.color)
+    tlc.month_range(options.first, options.last)
     if not 0 < options.sample <= 1:
         raise TripcastError(f"sample must be in (0, 1], got {options.sample}")
     if options.api_url and not settings.admin_token:
         raise TripcastError("a running API (--api-url) takes labels on /feedback with its admin token: set "
                             "TRIPCAST_ADMIN_TOKEN to the API's token")
+
+
+def run_loop(options: LoopOptions, settings: Settings, progress=None) -> LoopResult:
+    """Replay, label, monitor and automate window by window; returns the counts and the timeline."""
+    from tripcast.flows.monitor import monitor_flow
+
+    started = time.perf_counter()
+    check_options(options, settings)
     result = LoopResult(kind=settings.window)
     rides = replay_rides(options, settings)
     result.bootstrap = _bootstrap(options, settings)

@@ -8,6 +8,7 @@ two plots, the validation reference for monitoring, and the model (pyfunc, with 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import tempfile
 import time
@@ -33,13 +34,13 @@ from tripcast import features as feats
 from tripcast.config import Settings
 from tripcast.data import tlc
 from tripcast.metrics import regression_metrics
-from tripcast.models import FAMILIES, TripDurationPipeline, build
+from tripcast.models import FAMILIES, TripDurationPipeline, build, verify
+from tripcast.models.base import DurationModel
 from tripcast.models.tuning import suggest_params
 from tripcast.tracking import configure, source_tags
 
 log = logging.getLogger(__name__)
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
-REFERENCE_ARTIFACT = "reference/validation.parquet"
 # What a ride request carries; a missing pickup time means "now" (see Preprocessor).
 INPUT_SCHEMA = Schema([
     ColSpec("long", "PULocationID"),
@@ -59,6 +60,8 @@ class MonthData:
     digest: str
     rides: pd.DataFrame
     drops: feats.DropReport
+    start: datetime  # the rides' pickups are in [start, end)
+    end: datetime
     # Every ride a model could be asked about (valid inputs, any duration): the monitoring reference. The
     # duration filter selects on the target, so ``rides`` alone under-represents long trips in traffic.
     inputs: pd.DataFrame | None = None
@@ -76,7 +79,8 @@ def prepare_month(color: str, month: str | tlc.Month, raw: pd.DataFrame, setting
     inputs, _ = feats.clean(raw, -np.inf, np.inf, month.start, month.end, settings.max_distance)
     path = tlc.cache_path(color, month, settings)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
-    return MonthData(color, month, tlc.source_address(color, month, settings), digest, rides, drops, inputs)
+    return MonthData(color, month, tlc.source_address(color, month, settings), digest, rides, drops,
+                     month.start.to_pydatetime(), month.end.to_pydatetime(), inputs)
 
 
 def prepare_period(rides: pd.DataFrame, start: datetime, end: datetime, source: str,
@@ -85,7 +89,7 @@ def prepare_period(rides: pd.DataFrame, start: datetime, end: datetime, source: 
     clean, drops = feats.clean(rides, settings.min_duration, settings.max_duration, pd.Timestamp(start),
                                pd.Timestamp(end), settings.max_distance)
     inputs, _ = feats.clean(rides, -np.inf, np.inf, pd.Timestamp(start), pd.Timestamp(end), settings.max_distance)
-    return MonthData("served", f"{start:%Y-%m-%d}..{end:%Y-%m-%d}", source, "", clean, drops, inputs)
+    return MonthData("served", f"{start:%Y-%m-%d}..{end:%Y-%m-%d}", source, "", clean, drops, start, end, inputs)
 
 
 def read_month_data(color: str, month: str | tlc.Month, settings: Settings) -> MonthData:
@@ -118,7 +122,10 @@ class TrainingResult:
     params: dict[str, Any]
     metrics: dict[str, float]
     pipeline: TripDurationPipeline
+    train_period: tuple[datetime, datetime]
+    baseline: DurationModel = field(repr=False)  # the rule, fitted on the same training rides
     val_predictions: np.ndarray = field(repr=False)
+    val_baseline_predictions: np.ndarray = field(repr=False)  # the rule's, on the same validation rows
 
     @property
     def val_rmse(self) -> float:
@@ -204,6 +211,7 @@ def train(
         mlflow.set_tags(source_tags() | {
             "tripcast.model": model, "tripcast.color": train_data.color,
             "tripcast.train_month": str(train_data.month), "tripcast.val_month": str(val_data.month),
+            "tripcast.train_start": train_data.start.isoformat(), "tripcast.train_end": train_data.end.isoformat(),
         })
         _log_dataset(train_data, "training")
         _log_dataset(val_data, "validation")
@@ -217,9 +225,10 @@ def train(
         pipeline = TripDurationPipeline(model, estimator, pre)
         val_pred = pipeline.predict_features(val_x)
         baseline = build("baseline").fit(train_x, train_y)
+        baseline_pred = baseline.predict(val_x)
         metrics = {f"train_{k}": v for k, v in regression_metrics(train_y, pipeline.predict_features(train_x)).items()}
         metrics |= {f"val_{k}": v for k, v in regression_metrics(val_y, val_pred).items()}
-        metrics["baseline_val_rmse"] = regression_metrics(val_y, baseline.predict(val_x))["rmse"]
+        metrics["baseline_val_rmse"] = regression_metrics(val_y, baseline_pred)["rmse"]
         metrics["train_seconds"] = train_seconds
         mlflow.log_params({"model": model, "color": train_data.color, "train_month": str(train_data.month),
                            "val_month": str(val_data.month), "min_duration": settings.min_duration,
@@ -232,7 +241,8 @@ def train(
         model_uri = _log_model(pipeline, val_data, val_x, val_pred)
         log.info("run %s: val RMSE %.3f (rule baseline %.3f)", run.info.run_id, metrics["val_rmse"],
                  metrics["baseline_val_rmse"])
-    return TrainingResult(run.info.run_id, model_uri, model, estimator.params(), metrics, pipeline, val_pred)
+    return TrainingResult(run.info.run_id, model_uri, model, estimator.params(), metrics, pipeline,
+                          (train_data.start, train_data.end), baseline, val_pred, baseline_pred)
 
 
 def evaluate(pipeline: TripDurationPipeline, data: MonthData) -> dict[str, float]:
@@ -251,9 +261,12 @@ def _log_model(pipeline: TripDurationPipeline, val_data: MonthData, val_x: pd.Da
         reference = _reference(pipeline, val_data, val_x, val_pred)
         ref_path = Path(tmp) / "validation.parquet"
         reference.to_parquet(ref_path, index=False)
-        mlflow.log_artifact(str(ref_path), artifact_path="reference")
+        # What is logged, as digests in the tracking store: serving checks the files it downloads against them.
+        digests = verify.pipeline_digests(folder) | {verify.REFERENCE_ARTIFACT: verify.sha256(ref_path)}
+        mlflow.set_tag(verify.DIGESTS_TAG, json.dumps(digests))
+        mlflow.log_artifact(str(ref_path), artifact_path=str(Path(verify.REFERENCE_ARTIFACT).parent))
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(MODEL_CODE), artifacts={"pipeline": str(folder)},
+            name="model", python_model=str(MODEL_CODE), artifacts={verify.PIPELINE_ARTIFACT: str(folder)},
             signature=signature, input_example=example, pip_requirements=_requirements(),
         )
     return info.model_uri

@@ -19,7 +19,7 @@ from sqlalchemy import make_url
 
 from tripcast import training
 from tripcast.config import Settings, load_settings
-from tripcast.flows.train import evaluate, features, register, train
+from tripcast.flows.train import features, register, train
 from tripcast.monitoring import alerts, policy
 from tripcast.monitoring.windows import (
     Window,
@@ -31,6 +31,7 @@ from tripcast.monitoring.windows import (
 )
 from tripcast.registry import CHAMPION, Registry
 from tripcast.store import shared
+from tripcast.tracking import require_registry
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def monitor_flow(window: str | None = None, since: str | None = None, until: str
     """Measure every window overlapping [since, until) (default: the last four windows of the log), fire
     alerts, and apply the automation policy to them."""
     settings = load_settings()
+    require_registry(settings)
     kind = window or settings.window
     engine = shared(settings.resolved_monitoring_uri)
     span = logged_span(engine)
@@ -115,17 +117,17 @@ def retrain_flow(trigger: str, event_time: str, train_start: str, train_end: str
                               eval_rows=len(eval_data.rides))
     fs = features(train_data, eval_data)
     result = train(train_data, eval_data, fs, model, settings, 0, None)
-    champion = evaluate(eval_data, settings)
     tags = {"automation.trigger": trigger[:4000], "automation.train_period": str(train_data.month),
             "automation.eval_period": str(eval_data.month)}
-    outcome = register(result, champion, settings, True, min_rows=settings.promotion_min_rows, tags=tags)
+    outcome = register(result, eval_data, settings, True, min_rows=settings.promotion_min_rows, tags=tags)
     get_run_logger().info("challenger %s %s: %s", outcome["version"],
                           "promoted" if outcome["promoted"] else "rejected", outcome["reason"])
     return policy.record(
         engine, plan, "promoted" if outcome["promoted"] else "rejected", outcome["reason"],
-        champion_version=champion["version"] if champion else None, challenger_version=outcome["version"],
-        champion_rmse=champion["rmse"] if champion else None, challenger_rmse=outcome["challenger_rmse"],
-        baseline_rmse=outcome["baseline_rmse"], data={"run_id": result.run_id, "model": model})
+        champion_version=outcome["champion_before"], challenger_version=outcome["version"],
+        champion_rmse=outcome["champion_rmse"], challenger_rmse=outcome["challenger_rmse"],
+        baseline_rmse=outcome["baseline_rmse"], data={"run_id": result.run_id, "model": model,
+                                                      "compared_on": outcome["compared_on"]})
 
 
 def monitor_deployment(cron: str, name: str = "monitor"):

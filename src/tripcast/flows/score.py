@@ -14,6 +14,7 @@ from tripcast.data import tlc
 from tripcast.flows import retry_unless_data_error
 from tripcast.models import TripDurationPipeline
 from tripcast.registry import CHAMPION, Registry
+from tripcast.tracking import require_registry
 
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_data_error, cache_policy=NONE)
@@ -36,6 +37,7 @@ def score_flow(color: str = "green", month: str = "2021-03", last_month: str | N
     settings = load_settings()
     tlc.check_color(color)
     months = tlc.month_range(month, last_month or month)
+    require_registry(settings)
     mv, pipeline = Registry(settings).load_pipeline(alias)
     for m in months:  # every month at hand before any is written: a backfill fails whole, not half-way
         tlc.fetch(color, m, settings)

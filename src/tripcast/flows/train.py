@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from tripcast import training
+from tripcast import promotion, training
 from tripcast.config import Settings, load_settings
 from tripcast.data import tlc
 from tripcast.flows import retry_unless_data_error
 from tripcast.models import DEFAULT_FAMILY
-from tripcast.registry import CHALLENGER, CHAMPION, Registry, decide
+from tripcast.registry import CHALLENGER, CHAMPION, Registry
+from tripcast.tracking import require_registry
 
 
 # DataFrames flow between tasks in memory: no result persistence and no input hashing (cache_policy=NONE).
@@ -42,30 +44,36 @@ def train(train_data: training.MonthData, val_data: training.MonthData, fs: trai
 
 
 @task(cache_policy=NONE)
-def evaluate(val_data: training.MonthData, settings: Settings) -> dict[str, Any] | None:
-    """The current champion on the same validation rows, so the comparison is like for like."""
-    registry = Registry(settings)
-    if registry.current(CHAMPION) is None:
-        return None
-    version, pipeline = registry.load_pipeline(CHAMPION)
-    return {"version": str(version.version), **training.evaluate(pipeline, val_data)}
-
-
-@task(cache_policy=NONE)
-def register(result: training.TrainingResult, champion: dict[str, Any] | None, settings: Settings,
-             promote: bool, min_rows: int = 0, tags: dict[str, str] | None = None) -> dict[str, Any]:
+def register(result: training.TrainingResult, validation: training.MonthData, settings: Settings, promote: bool,
+             min_rows: int = 0, tags: dict[str, str] | None = None,
+             fresh: promotion.FreshWindow | None = None) -> dict[str, Any]:
+    """Register the version; then, holding the registry's lock, judge it against the champion (out of sample,
+    both verified) and apply the decision, so that concurrent runs decide one at a time."""
     registry = Registry(settings)
     mv = registry.register(result.model_uri, result.run_id, tags={"model": result.model} | (tags or {}))
-    decision = decide(result.val_rmse, champion["rmse"] if champion else None, result.baseline_rmse,
-                      settings.promotion_margin, rows=len(result.val_predictions), min_rows=min_rows)
-    if promote:
-        mv = registry.apply(mv.version, decision)
-    get_run_logger().info("version %s: %s (%s)", mv.version,
-                          "promoted" if promote and decision.promote else "not promoted", decision.reason)
-    return {"version": str(mv.version), "alias": CHAMPION if promote and decision.promote else CHALLENGER,
-            "promoted": promote and decision.promote, "reason": decision.reason,
-            "challenger_rmse": decision.challenger_rmse, "baseline_rmse": decision.baseline_rmse,
-            "champion_before": champion["version"] if champion else None}
+    with registry.decision_lock():
+        judged = promotion.judge(registry, mv, result, validation, settings, min_rows, fresh)
+        if promote:
+            mv = registry.apply(mv.version, judged.decision)
+    decision, promoted = judged.decision, promote and judged.decision.promote
+    get_run_logger().info("version %s: %s (%s)", mv.version, "promoted" if promoted else "not promoted",
+                          decision.reason)
+    return {"version": str(mv.version), "alias": CHAMPION if promoted else CHALLENGER, "promoted": promoted,
+            "reason": decision.reason, "challenger_rmse": decision.challenger_rmse,
+            "baseline_rmse": decision.baseline_rmse, "champion_before": judged.champion_version,
+            "champion_rmse": judged.champion_rmse, "compared_on": judged.compared_on, "compared_rows": judged.rows}
+
+
+def fresh_month(color: str, validation: tlc.Month, settings: Settings) -> promotion.FreshWindow:
+    """The first of the three months after ``validation`` that the source has and neither model trained on."""
+    def fresh(trained_on: list[tuple[datetime, datetime]]) -> training.MonthData | None:
+        for month in (validation.shift(k) for k in (1, 2, 3)):
+            if not any(start < month.end and month.start < end for start, end in trained_on) \
+                    and tlc.month_exists(color, month, settings):
+                return training.read_month_data(color, month, settings)
+        return None
+
+    return fresh
 
 
 @flow(name="train")
@@ -84,6 +92,7 @@ def train_flow(
     """
     settings = load_settings()
     tlc.check_color(color)
+    require_registry(settings)  # before any data is loaded: one line if it does not answer
     if train_month is None or val_month is None:
         latest_train, latest_val = tlc.latest_months(color, settings)
         train_month, val_month = train_month or str(latest_train), val_month or str(latest_val)
@@ -93,13 +102,11 @@ def train_flow(
     val_data = validate(color, val_m, val_raw, settings)
     fs = features(train_data, val_data)
     result = train(train_data, val_data, fs, model, settings, trials, timeout)
-    champion = evaluate(val_data, settings)
-    registration = register(result, champion, settings, promote)
+    registration = register(result, val_data, settings, promote, fresh=fresh_month(color, val_m, settings))
     return {
         "run_id": result.run_id, "model": model, "color": color, "train_month": str(train_m),
         "val_month": str(val_m), "registered_model": settings.model_name, **registration,
         "metrics": {k: round(v, 4) for k, v in result.metrics.items()},
-        "champion_val_rmse_before": round(champion["rmse"], 4) if champion else None,
     }
 
 
@@ -107,6 +114,7 @@ def train_flow(
 def evaluate_flow(color: str = "green", month: str = "2021-03", alias: str = CHAMPION) -> dict[str, Any]:
     """A registered model (by alias or version) on a month it has not seen."""
     settings = load_settings()
+    require_registry(settings)
     raw = load(color, tlc.Month.parse(month), settings)
     data = validate(color, tlc.Month.parse(month), raw, settings)
     version, pipeline = Registry(settings).load_pipeline(alias)

@@ -9,8 +9,6 @@ data quality, and, once labels have arrived, the realised RMSE and MAE against t
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,7 +26,6 @@ from tripcast.files import atomic_path
 from tripcast.metrics import regression_metrics
 from tripcast.registry import Registry
 from tripcast.store import labels, predictions, upsert, window_metrics
-from tripcast.training import REFERENCE_ARTIFACT
 
 log = logging.getLogger(__name__)
 LENGTHS = {"day": timedelta(days=1), "week": timedelta(days=7)}
@@ -80,19 +77,9 @@ class Reference:
 
 
 def load_reference(registry: Registry, version: str, settings: Settings) -> Reference:
-    """From the version's MLflow run (cached on disk): monitoring never needs the training files."""
-    import mlflow
-
-    cache_dir = settings.home / "references"
-    path = cache_dir / f"{registry.name}-v{version}.parquet"
-    if not path.exists():
-        mv = registry.version(version)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-            local = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=REFERENCE_ARTIFACT,
-                                                        dst_path=tmp)
-            os.replace(local, path)
-    frame = pd.read_parquet(path)
+    """From the version's MLflow run (cached on disk, checked against its digest): monitoring never needs the
+    training files."""
+    frame = pd.read_parquet(registry.reference_path(registry.version(version)))
     # Validation accuracy on the rides the model is meant for (the training filter's duration range).
     duration = frame[TARGET]
     meant = frame[(duration >= settings.min_duration) & (duration <= settings.max_duration)]
