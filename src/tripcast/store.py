@@ -17,6 +17,7 @@ from operator import itemgetter
 
 import numpy as np
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -113,6 +114,15 @@ alerts = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("delivery_error", Text),
     UniqueConstraint("rule", "kind", "window_start", "model_version"),
+)
+
+# How far each journal of answered predictions (tripcast.serving.journal) is in this store, in bytes: updated in
+# the transaction that writes its rows, so a journal left by a killed process is replayed from exactly there.
+journal_offsets = Table(
+    "journal_offsets",
+    metadata,
+    Column("journal", String(128), primary_key=True),
+    Column("position", BigInteger, nullable=False),
 )
 
 # Every automation decision: retrain skipped (and why), challenger promoted or rejected (and why).

@@ -167,6 +167,10 @@ class StreamConsumer:
             pipe.xadd(self.names.dead_letter, {"event_id": event_id, "ride": fields.get(b"ride", b""), "error": error},
                       maxlen=self.max_len, approximate=True)
         results, rows = self.scorer.many(rides) if rides else ([], [])
+        if self.predlog is not None and rows:
+            # Journaled before the predictions are published: killed after publishing, the process would lose
+            # these rows. Killed before, the events stay pending and are predicted (and logged) again.
+            self.predlog.wait_durable(self.predlog.put(rows))
         for event_id, result in zip(ids, results, strict=True):
             pipe.xadd(self.names.output, {"event_id": event_id, "ride_id": result["ride_id"],
                                           "duration": repr(result["duration"]),
@@ -177,8 +181,6 @@ class StreamConsumer:
         pipe.execute()
         self.published += len(rides)
         self.dead += len(dead)
-        if self.predlog is not None and rows:
-            self.predlog.put(rows)
 
 
 def run_consumer(settings, redis_url: str, names: StreamNames, stop: threading.Event | None = None,
@@ -189,7 +191,7 @@ def run_consumer(settings, redis_url: str, names: StreamNames, stop: threading.E
         client = redis.Redis.from_url(redis_url)  # bytes, not decoded: see StreamConsumer
     except ValueError as exc:
         raise TripcastError(f"Redis URL {redis_url!r}: {exc}") from None
-    holder = ModelHolder(Registry(settings), settings.serve_alias)
+    holder = ModelHolder(Registry(settings), settings.serve_alias, fall_back=True)
     # Like the API, wait for a model rather than exit: in the production profile this service starts before
     # the first training run, or before the registry answers.
     holder.refresh()

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import gc
 import os
+import re
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -30,18 +31,21 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.requests import ClientDisconnect
 
 from tripcast.config import Settings, load_settings
 from tripcast.monitoring import dashboard
 from tripcast.registry import CHALLENGER, Registry
 from tripcast.serving import webhooks
 from tripcast.serving.holder import AliasWatcher, ModelHolder
+from tripcast.serving.http import TIMED_OUT
 from tripcast.serving.predlog import PredictionLog
 from tripcast.serving.schemas import RIDE, label_batch, log_features, ride_batch
 from tripcast.serving.scoring import NoModelError, Scorer
 from tripcast.serving.traffic import TrafficPolicy
 from tripcast.store import record_labels, shared
 
+REPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}\.html")  # as monitoring names its reports
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's setting: where worker processes share metrics
 RELOAD_SIGNAL = "TRIPCAST_RELOAD_SIGNAL"  # a file the workers of one `tripcast serve` share (AliasWatcher)
 
@@ -83,12 +87,12 @@ class Metrics:
         self.predictions = Counter("tripcast_predictions", "Rides predicted", ["version", "arm"], registry=r)
         self.queue_depth = Gauge("tripcast_log_queue_depth", "Predictions waiting to be logged", registry=r,
                                  multiprocess_mode="livesum")
-        self.logs_dropped = Gauge("tripcast_log_dropped", "Predictions not logged (queue and spool both full)",
-                                  registry=r, multiprocess_mode="sum")
-        self.logs_spooled = Gauge("tripcast_log_spooled",
-                                  "Predictions spooled (the store down, or behind); replayed when it can take them",
-                                  registry=r, multiprocess_mode="sum")
-        self.logs_replayed = Gauge("tripcast_log_replayed", "Spooled predictions written to the store", registry=r,
+        self.logs_dropped = Gauge("tripcast_log_dropped", "Predictions not logged (the journal refused them: at "
+                                  "its size limit, or a full disk)", registry=r, multiprocess_mode="sum")
+        self.logs_backlog = Gauge("tripcast_log_journal_backlog_bytes", "Answered predictions in the journal, not yet "
+                                  "in the store (the store down, or behind)", registry=r, multiprocess_mode="livesum")
+        self.logs_replayed = Gauge("tripcast_log_replayed", "Predictions written to the store from a journal (not "
+                                   "kept in memory, or left by a process that stopped)", registry=r,
                                    multiprocess_mode="sum")
         self.logs_written = Gauge("tripcast_log_written", "Predictions written to the store", registry=r,
                                   multiprocess_mode="sum")
@@ -98,6 +102,8 @@ class Metrics:
                              multiprocess_mode="sum")
         self.reload_failures = Gauge("tripcast_model_reload_failures", "Failed model loads", ["alias"], registry=r,
                                      multiprocess_mode="sum")
+        self.refused = Gauge("tripcast_model_refused_versions", "Versions refused: they failed verification",
+                             ["alias"], registry=r, multiprocess_mode="livemax")
         self.served_version = Gauge("tripcast_served_version", "Version served per alias (the oldest any worker "
                                     "serves)", ["alias"], registry=r, multiprocess_mode="livemin")
         self.monitoring = Gauge("tripcast_monitoring", "Latest monitoring window's figures", ["metric", "version"],
@@ -195,7 +201,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     registry = Registry(settings)
     policy = TrafficPolicy(settings.traffic_mode, settings.challenger_weight)
-    champion = ModelHolder(registry, settings.serve_alias)
+    champion = ModelHolder(registry, settings.serve_alias, fall_back=True)
     challenger = ModelHolder(registry, CHALLENGER) if policy.uses_challenger else None
     holders = [h for h in (champion, challenger) if h is not None]
     metrics = Metrics()
@@ -208,6 +214,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return model.pipeline.predict_features(features).tolist(), model.version
 
     predlog = PredictionLog.from_settings(settings, shadow=shadow_scores if policy.shadow else None)
+
+    async def durable(offset: int) -> None:
+        """Rows are journaled (safe from this process dying) by ``put``; with TRIPCAST_LOG_FSYNC=always the
+        answer also waits for the disk, in a thread, so that concurrent requests share one fsync."""
+        if settings.log_fsync == "always":
+            await run_in_threadpool(predlog.wait_durable, offset)
     scorer = Scorer(champion, challenger, policy, "api",
                     count=lambda version, arm, n: metrics.prediction_count(version, arm).inc(n))
     watcher = AliasWatcher(holders, settings.poll_seconds,
@@ -226,13 +238,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         as their last scrape (a new server said the store was down, and an outage could go unseen)."""
         metrics.queue_depth.set(predlog.depth)
         metrics.logs_dropped.set(predlog.dropped)
-        metrics.logs_spooled.set(predlog.spooled)
+        metrics.logs_backlog.set(predlog.backlog_bytes)
         metrics.logs_replayed.set(predlog.replayed)
         metrics.logs_written.set(predlog.written)
         metrics.store_up.set(1 if predlog.store_up else 0)
         for holder in holders:
             metrics.reloads.labels(holder.alias).set(holder.reloads)
             metrics.reload_failures.labels(holder.alias).set(holder.failures)
+            metrics.refused.labels(holder.alias).set(len(holder.refused))
             metrics.served_version.labels(holder.alias).set(int(holder.current.version) if holder.current else 0)
 
     async def publish_every_second() -> None:
@@ -264,6 +277,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     document_bodies(app, {"Ride": RIDE, "RideBatch": batch, "LabelBatch": labels})
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # Nobody to answer: counted as 499 (nginx's "client closed request"), or 408 when the body timed out,
+        # not as a 500 with a traceback. uvicorn sends nothing to a closed connection.
+        return Response(status_code=408 if request.scope.get(TIMED_OUT) else 499)
+
     @app.exception_handler(NoModelError)
     async def no_model(request: Request, exc: NoModelError) -> JSONResponse:
         return JSONResponse(status_code=503, content={"detail": str(exc)})
@@ -282,7 +301,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               responses={503: {"description": "no model loaded"}})
     async def predict(request: Request) -> Response:
         result, rows = scorer.one(validated(RIDE, await read_body(request, max_body)))
-        predlog.put(rows)
+        await durable(predlog.put(rows))
         return Response(orjson.dumps(result), media_type="application/json",
                         headers={"X-Model-Version": result["model"]["version"]})
 
@@ -290,7 +309,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               responses={503: {"description": "no model loaded"}})
     async def predict_batch(request: Request) -> Response:
         results, rows = scorer.many(validated(batch, await read_body(request, max_body))["rides"])
-        predlog.put(rows)
+        await durable(predlog.put(rows))
         versions = ",".join(sorted({r["model"]["version"] for r in results}))
         return Response(orjson.dumps({"predictions": results}), media_type="application/json",
                         headers={"X-Model-Version": versions})
@@ -299,29 +318,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses={503: {"description": "no model to serve yet"}})
     async def ready(response: Response) -> dict:
-        body = {"ready": champion.current is not None, "alias": champion.alias,
-                "version": champion.current.version if champion.current else None,
-                "last_reload_error": champion.last_error}
+        """200 while a model answers, even if something else fails (``problems`` says what): predictions still
+        flow, and wait in the journal while the monitoring store is down. 503 until a model is served."""
         if champion.current is None:
             response.status_code = 503
-        return body
+        return {"ready": champion.current is not None, "alias": champion.alias,
+                "version": champion.current.version if champion.current else None,
+                "last_reload_error": champion.last_error, "refused": champion.refused, "fallback": champion.fallback,
+                "problems": problems(), "prediction_log": predlog.health()}
+
+    def problems() -> list[str]:
+        """What is failing, in words, for /ready (and whoever reads it)."""
+        found = [f"{h.alias}: {h.last_error}" for h in holders if h.last_error]
+        found += [f"{h.alias}: version {v} refused: {why}" for h in holders for v, why in h.refused.items()
+                  if v == h.wanted]
+        if not predlog.store_up:
+            found.append(f"monitoring store unavailable ({predlog.last_error}): predictions wait in the journal "
+                         f"({predlog.backlog_bytes:,} bytes)")
+        if predlog.dropped:
+            found.append(f"prediction log: {predlog.dropped:,} predictions dropped ({predlog.last_error})")
+        return found
 
     @app.get("/model")
     async def model() -> dict:
-        def state(holder: ModelHolder) -> dict:
-            return {"serving": holder.current.describe() if holder.current else None,
-                    "reloads": holder.reloads, "reload_failures": holder.failures,
-                    "last_reload_error": holder.last_error, "last_check": holder.last_check}
-
         # With several workers, these are the answering worker's figures (/metrics sums them all).
         return {"worker": os.getpid(), "traffic": {"mode": policy.mode, "challenger_weight": policy.challenger_weight},
-                "champion": state(champion), "challenger": state(challenger) if challenger else None,
-                "prediction_log": {"queued": predlog.depth, "written": predlog.written,
-                                   "spooled": predlog.spooled, "replayed": predlog.replayed,
-                                   "dropped": predlog.dropped, "store_up": predlog.store_up,
-                                   "behind": predlog.behind, "last_error": predlog.last_error}}
+                "champion": champion.state(), "challenger": challenger.state() if challenger else None,
+                "prediction_log": predlog.health()}
 
     @app.get("/metrics", response_class=PlainTextResponse)  # documented as text: Prometheus' exposition format
     async def prometheus() -> Response:
@@ -400,9 +425,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/dashboard/reports/{name}", include_in_schema=False)
     async def report(name: str) -> FileResponse:
-        path = settings.home / "reports" / name
-        if "/" in name or not name.endswith(".html") or not path.is_file():
-            raise HTTPException(404, f"no report {name!r}")
+        # Checked before the file system sees it: a NUL byte or a 300-character name made Path raise (a 500).
+        if not REPORT_NAME.fullmatch(name) or not (path := settings.home / "reports" / name).is_file():
+            raise HTTPException(404, f"no report {name[:100]!r}")
         return FileResponse(path, media_type="text/html")
 
     return app

@@ -1,7 +1,9 @@
-"""Follow a registry alias: load and warm a new version off the request path, then switch atomically.
+"""Follow a registry alias: load, verify and warm a new version off the request path, then switch atomically.
 
 Requests read ``holder.current`` once and use that object to the end, so requests in flight finish on the
-model they started with. A failed load leaves the old model serving and is reported (``last_error``).
+model they started with. A failed load leaves the old model serving and is reported (``last_error``). A version
+that fails verification (``tripcast.models.verify``) is refused for good: reported, never loaded into this
+process, never tried again; a holder with nothing to serve then falls back to the last champion that passes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tripcast.errors import ModelVerificationError
 from tripcast.models import TripDurationPipeline
+from tripcast.models.verify import CheckTimeout
 from tripcast.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -28,6 +32,7 @@ log = logging.getLogger(__name__)
 FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 REPEAT_WARNING_SECONDS = 300  # while reloads keep failing, the warning again this often
 SIGNAL_SECONDS = 0.25  # how often a worker looks for a reload another worker announced
+FALLBACK_CANDIDATES = 5  # earlier champions tried when the alias's version is refused and nothing serves yet
 WARM_RIDES = pd.DataFrame({"PULocationID": [130, 74], "DOLocationID": [205, 75], "trip_distance": [3.7, 1.2],
                            "pickup_datetime": ["2021-02-01T08:30:00", "2021-02-06T13:15:00"]})
 
@@ -53,14 +58,18 @@ class LoadedModel:
 
 
 class ModelHolder:
-    def __init__(self, registry: Registry, alias: str) -> None:
+    def __init__(self, registry: Registry, alias: str, fall_back: bool = False) -> None:
         self.registry = registry
         self.alias = alias
+        self.fall_back = fall_back  # serve an earlier champion while the alias's version is refused
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
         self.last_check: str | None = None
         self.reloads = 0
         self.failures = 0
+        self.wanted: str | None = None  # the version the alias pointed at, at the last check
+        self.refused: dict[str, str] = {}  # version -> why it failed verification (never tried again)
+        self.fallback: str | None = None  # why the version served is not the alias's
         self._warned = 0.0  # when the last failure was logged
         self._lock = threading.Lock()  # one refresh at a time (watcher and /admin/reload)
         for key, value in FAIL_FAST.items():
@@ -72,25 +81,73 @@ class ModelHolder:
             self.last_check = datetime.now(UTC).isoformat(timespec="seconds")
             serving = self.current.version if self.current else "nothing"
             try:
-                version = self.registry.current(self.alias)
-                if version is None or version == serving:
+                version = self.wanted = self.registry.current(self.alias)
+                if version is None or version == serving or version in self.refused:
                     self._ok(serving)
+                    if version == serving:
+                        self.fallback = None
+                    elif version in self.refused and self.current is None and self.fall_back:
+                        return self._fall_back(version)
                     return False
                 loaded = self._load(version)
-            except Exception as exc:  # any failure: keep serving what we have, and say why
-                self.failures += 1
-                # Said when it starts and every few minutes while it lasts, not at every poll.
-                if self.last_error is None or time.monotonic() - self._warned >= REPEAT_WARNING_SECONDS:
-                    log.warning("alias %s: reload failed, still serving %s: %s", self.alias, serving,
-                                f"{type(exc).__name__}: {exc}"[:500])
-                    self._warned = time.monotonic()
-                self.last_error = f"{type(exc).__name__}: {exc}"[:500]
-                return False
-            self.current = loaded  # the atomic switch: one reference assignment
-            self.reloads += 1
-            self._ok(version)
-            log.info("alias %s: now serving version %s", self.alias, version)
+            except ModelVerificationError as exc:
+                if isinstance(exc, CheckTimeout):  # a busy machine, perhaps: tried again at the next poll
+                    return self._failed(serving, exc)
+                self._refuse(version, exc)
+                return self._fall_back(version) if self.current is None and self.fall_back else False
+            except Exception as exc:  # any other failure: keep serving what we have, and say why
+                return self._failed(serving, exc)
+            self._serve(loaded)
+            self.fallback = None
             return True
+
+    def _serve(self, loaded: LoadedModel) -> None:
+        self.current = loaded  # the atomic switch: one reference assignment
+        self.reloads += 1
+        self._ok(loaded.version)
+        log.info("alias %s: now serving version %s", self.alias, loaded.version)
+
+    def _failed(self, serving: str, exc: Exception) -> bool:
+        self.failures += 1
+        # Said when it starts and every few minutes while it lasts, not at every poll.
+        if self.last_error is None or time.monotonic() - self._warned >= REPEAT_WARNING_SECONDS:
+            log.warning("alias %s: reload failed, still serving %s: %s", self.alias, serving,
+                        f"{type(exc).__name__}: {exc}"[:500])
+            self._warned = time.monotonic()
+        self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+        return False
+
+    def _refuse(self, version: str, exc: ModelVerificationError) -> None:
+        self.failures += 1
+        self.refused[version] = str(exc)[:500]
+        serving = f"still serving version {self.current.version}" if self.current else "nothing served yet"
+        log.error("alias %s: version %s refused, %s: %s", self.alias, version, serving, exc)
+        if self.current is not None and version == self.wanted:
+            self.fallback = f"version {version} (behind {self.alias!r}) was refused; {serving}"
+
+    def _fall_back(self, refused: str) -> bool:
+        """Serve the newest earlier champion that passes verification; False (waiting) if none does."""
+        try:
+            candidates = [v for v in reversed(self.registry.history()) if v != refused and v not in self.refused]
+            for version in candidates[:FALLBACK_CANDIDATES]:
+                try:
+                    loaded = self._load(version)
+                except ModelVerificationError as exc:
+                    if isinstance(exc, CheckTimeout):
+                        raise
+                    self._refuse(version, exc)
+                    continue
+                self._serve(loaded)
+                self.fallback = (f"version {refused} (behind {self.alias!r}) was refused; serving version {version}, "
+                                 "the last champion before it that passes verification")
+                log.warning("alias %s: %s", self.alias, self.fallback)
+                return True
+        except Exception as exc:
+            return self._failed("nothing", exc)
+        self.fallback = None
+        log.error("alias %s: version %s was refused and no earlier champion passes verification; waiting for a new "
+                  "version", self.alias, refused)
+        return False
 
     def _ok(self, serving: str) -> None:
         """A check that worked: an earlier failure (the registry down, a version that would not load) is over."""
@@ -98,8 +155,15 @@ class ModelHolder:
             log.warning("alias %s: recovered, serving %s", self.alias, serving)
         self.last_error = None
 
+    def state(self) -> dict:
+        """What this holder serves and what went wrong, for /ready and /model."""
+        return {"serving": self.current.describe() if self.current else None, "reloads": self.reloads,
+                "reload_failures": self.failures, "last_reload_error": self.last_error,
+                "last_check": self.last_check, "wanted": self.wanted, "refused": dict(self.refused),
+                "fallback": self.fallback}
+
     def _load(self, version: str) -> LoadedModel:
-        mv, pipeline = self.registry.load_pipeline(version)
+        mv, pipeline = self.registry.load_pipeline(version)  # verified before it is loaded here
         # The first calls pay lazy initialisation (both paths), not a user's request.
         warm = pipeline.predict(WARM_RIDES)
         first = WARM_RIDES.iloc[0]

@@ -1,21 +1,17 @@
-"""The prediction log: every prediction goes to the monitoring store, in the background, in batches.
+"""The prediction log: every answered prediction reaches the monitoring store, and none is lost on the way.
 
-Writing never blocks or fails a request: ``put`` only appends a request's rows (tuples in
-``store.PREDICTION_COLUMNS`` order) to a bounded in-memory list. A writer thread wakes every
-``flush_seconds``, takes everything queued and inserts it; when the store is down, the rows are appended to
-a local spool file (JSON lines) and replayed once the store answers again, at most ``REPLAY_ROWS`` per
-transaction: a spool left by a long outage is replayed over several flushes, from an offset kept beside it
-(``.offset``), never read whole into memory or inserted in one giant transaction. There is one
-spool per store (named by a hash of its URL), so a spool is only ever replayed into the store it was meant
-for, and appends and replays hold an exclusive file lock, so several worker processes can share it.
+``put`` appends a request's rows (tuples in ``store.PREDICTION_COLUMNS`` order) to this process's journal
+(``tripcast.serving.journal``) before the request is answered, and keeps them in memory for the writer too,
+up to ``queue_size`` rows. A writer thread wakes every ``flush_seconds`` and writes everything journaled
+since its last transaction, in journal order, ``batch_size`` rows per transaction: from memory when it has
+the rows, else read back from the journal (the store was down, or predictions came faster than it takes them,
+or a process died). Each transaction also records how far the journal is in the store (table
+``journal_offsets``), so a journal left by a killed process is replayed from exactly there: nothing written
+twice, nothing skipped. A file that is all in the store is removed.
 
-When predictions come faster than the store takes them (a burst of batch requests), the rows past the queue's
-bound go to a second list of the same size, which the writer moves to the spool between its transactions:
-appending a row costs a small fraction of inserting it, so the log keeps up with bursts the store cannot, and
-the store catches up as the spool is replayed. A row is only ever lost when both lists are full, or when the
-spool cannot take it (at its size limit, or a full disk), and then it is counted (``dropped``). Shadow
-predictions are computed here too, per batch, off the response path; for rows that went to the spool under
-overload, as they are replayed.
+Writing never blocks or fails a request. A row is lost only if the journal cannot take it (at its size limit,
+``TRIPCAST_LOG_SPOOL_MAX_MB``, or a full disk), and then it is counted (``dropped``) and said in the log.
+Shadow predictions are added per transaction, off the response path.
 
 The writer wakes on a timer rather than on every ``put``: waking it per request would hand the GIL to it per
 request, which costs the request path more than the writing does.
@@ -23,219 +19,308 @@ request, which costs the request path more than the writing does.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
-import os
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import datetime
-from itertools import chain
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
+from sqlalchemy import delete, select
 
 from tripcast.config import Settings
-from tripcast.store import PREDICTION_COLUMNS, connect, insert_predictions, log_time
+from tripcast.serving import journal
+from tripcast.store import PREDICTION_COLUMNS, connect, insert_predictions, journal_offsets, upsert
 
 log = logging.getLogger(__name__)
 # Rows in, (shadow predictions, shadow version) out, or None when there is no model to shadow with.
 ShadowScorer = Callable[[list[tuple]], tuple[list[float], str] | None]
 _SHADOW = PREDICTION_COLUMNS.index("shadow_prediction")
-# Spooled rows replayed per transaction, with the new rows of that write: ~0.3 s of work on SQLite.
-REPLAY_ROWS = 20_000
+REPLAY_ROWS = 20_000  # rows per transaction read back from a journal: ~0.3 s of work on SQLite
+ROTATE_BYTES = 64 << 20  # a journal all in the store and this large is replaced by a new file
+ORPHAN_SECONDS = 30.0  # how often the writer looks for journals left by dead processes
+
+
+@dataclass(frozen=True)
+class _Entry:
+    start: int  # the request's line in the journal: [start, end)
+    end: int
+    rows: list[tuple]
 
 
 class PredictionLog:
     def __init__(self, url: str, spool_dir: Path, queue_size: int = 100_000, batch_size: int = 20_000,
-                 flush_seconds: float = 0.5, shadow: ShadowScorer | None = None, spool_max_mb: float = 2048) -> None:
+                 flush_seconds: float = 0.5, shadow: ShadowScorer | None = None, spool_max_mb: float = 2048,
+                 fsync: str = "interval") -> None:
         self.url = url
-        self.spool_max_bytes = int(spool_max_mb * 1e6)  # a long outage, or overload, must not fill the disk
-        spool_dir.mkdir(parents=True, exist_ok=True)
         store_key = hashlib.sha256(url.encode()).hexdigest()[:12]
-        self.spool = spool_dir / f"predictions-{store_key}.jsonl"
-        self._spool_lock = spool_dir / f"predictions-{store_key}.lock"
-        self._spool_offset = spool_dir / f"predictions-{store_key}.offset"  # bytes of the spool already replayed
+        self.spool_dir = spool_dir
+        # One journal per store, so rows are only ever replayed into the store they were meant for. Spools of
+        # earlier tripcast versions ("predictions-<store>.jsonl") are replayed like any orphan.
+        self._prefixes = (f"journal-{store_key}-", f"predictions-{store_key}")
+        self.journal = journal.Journal(spool_dir, self._prefixes[0], fsync, int(spool_max_mb * 1e6))
+        self.fsync = fsync
         self.batch_size = batch_size
         self.flush_seconds = flush_seconds
         self.shadow = shadow
-        self.queue_size = queue_size  # in rows
-        self._pending: list[list[tuple]] = []
+        self.queue_size = queue_size  # rows kept in memory for the writer; past it, they are read back
+        self._memory: deque[_Entry] = deque()
         self._queued = 0
-        self._overflow: list[list[tuple]] = []  # rows past the queue's bound, on their way to the spool
-        self._overflowed = 0
-        self._lock = threading.Lock()
+        self._cursor = 0  # bytes of this process's journal in the store
+        self._lock = threading.Lock()  # journal order == memory order: appends and queueing under one lock
         self._engine = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._next_orphan_scan = 0.0
+        self._next_sync = 0.0
         self.written = 0
-        self.spooled = 0
-        self.replayed = 0
-        self.dropped = 0
-        self.refused = 0  # of which refused by ``put``, both lists being full
-        self._refused_seen = 0
-        self._refusing_since: int | None = None  # ``refused`` when the spell of refusals began
+        self.replayed = 0  # of which read back from a journal (not kept in memory, or left by a dead process)
+        self.dropped = 0  # refused by the journal: lost, and counted
+        self._dropped_seen = 0
+        self._dropping_since: int | None = None
         self.store_up = True
-        self.behind = False  # rows have gone to the spool because the store did not keep up
-        self._spool_failing = False
+        self.behind = False  # rows are waiting in the journal only, because the store did not keep up
         self.last_error: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, shadow: ShadowScorer | None = None) -> PredictionLog:
         return cls(settings.resolved_monitoring_uri, settings.spool_dir, settings.log_queue_size,
-                   settings.log_batch_size, settings.log_flush_seconds, shadow, settings.log_spool_max_mb)
+                   settings.log_batch_size, settings.log_flush_seconds, shadow, settings.log_spool_max_mb,
+                   settings.log_fsync)
 
     # --- request side --------------------------------------------------------------------------------
-    def put(self, rows: list[tuple]) -> None:
-        """Queue a request's rows; never blocks. Past the queue's bound they wait for the spool instead; past
-        that one too, they are dropped and counted."""
+    def put(self, rows: list[tuple]) -> int:
+        """Journal a request's rows (durable against this process dying once this returns); never blocks on the
+        store. Returns the journal offset to pass to ``wait_durable``; 0 if the rows were dropped."""
         with self._lock:
-            if self._queued + len(rows) <= self.queue_size:
-                self._queued += len(rows)
-                self._pending.append(rows)
-            elif self._overflowed + len(rows) <= self.queue_size:
-                self._overflowed += len(rows)
-                self._overflow.append(rows)
-            else:
+            start = self.journal.size
+            try:
+                end = self.journal.append(rows)
+            except OSError as exc:  # the journal at its limit, a full disk: counted, said by the writer
                 self.dropped += len(rows)
-                self.refused += len(rows)
+                self.last_error = f"journal refused {len(rows)} rows: {exc}"[:300]
+                return 0
+            if self._queued + len(rows) <= self.queue_size:
+                self._memory.append(_Entry(start, end, rows))
+                self._queued += len(rows)
+            return end
+
+    def wait_durable(self, offset: int) -> None:
+        """With ``fsync=always``: return once the journal is on the disk up to ``offset`` (a group commit)."""
+        if self.fsync == "always" and offset:
+            self.journal.wait_synced(offset)
 
     @property
     def depth(self) -> int:
-        """Rows in memory, waiting for the store or the spool."""
-        return self._queued + self._overflowed
+        """Rows in memory, waiting for the store."""
+        return self._queued
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes of this process's journal not yet in the store."""
+        return self.journal.size - self._cursor
+
+    def health(self) -> dict:
+        return {"store_up": self.store_up, "behind": self.behind, "queued": self.depth,
+                "journal_backlog_bytes": self.backlog_bytes, "written": self.written, "replayed": self.replayed,
+                "dropped": self.dropped, "last_error": self.last_error}
 
     # --- writer side ---------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float = 30) -> None:
-        """Flush what is queued (to the store, or the spool) and stop."""
+        """Write what is journaled (if the store takes it) and stop. A journal all in the store is removed; else
+        it stays, and the next prediction log on this store replays it."""
         self._stop.set()
         self._thread.join(timeout=timeout)
 
     def _run(self) -> None:
-        while True:
-            stopping = self._stop.wait(self.flush_seconds)
-            self._say_refusals()
-            self._spill()
-            with self._lock:
-                taken, self._pending = self._pending, []
-            rows = list(chain.from_iterable(taken))
-            if rows and self.shadow is not None:
-                rows = self._add_shadow(rows)
-            chunks = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-            if not chunks and self.spool.exists():
-                chunks = [[]]  # nothing new: still try to replay the spool
-            down = False
-            for k, chunk in enumerate(chunks):
-                if not self._write(chunk):  # the store is down: spool the rest too, without knocking again
-                    rest = list(chain.from_iterable(chunks[k + 1:]))
-                    if rest:
-                        self._spool_or_count(rest)
-                    down = True
+        try:
+            while True:
+                stopping = self._stop.wait(self.flush_seconds)
+                self._say_drops()
+                self._sync_if_due()
+                caught_up = self._drain()
+                if caught_up and time.monotonic() >= self._next_orphan_scan:
+                    self._replay_orphans()
+                if stopping:
                     break
-                self._spill()  # what overflowed during that transaction
+                if not caught_up and not self.store_up:
+                    self._stop.wait(min(5.0, self.flush_seconds * 4))  # back off while the store is down
+        finally:
+            self._close()
+
+    def _drain(self) -> bool:
+        """Write everything journaled so far, a transaction at a time; True if all of it is in the store."""
+        while not self._stop.is_set() or self.store_up:
             with self._lock:
-                self._queued -= len(rows)
-            if stopping:
-                self._spill()
-                return
-            if down:
-                self._stop.wait(min(5.0, self.flush_seconds * 4))  # back off while the store is down
-                continue
-            # Nothing new came in meanwhile: catch up on the spool now, not one transaction per wake.
-            while not (self._pending or self._overflow or self._stop.is_set()) and self.spool.exists():
-                if not self._write([]):
-                    break
+                end = self.journal.size
+            if self._cursor >= end:
+                self._rotate_if_large()
+                return True
+            rows, position, from_memory = self._next_batch(end)
+            if not self._write(rows, position, from_memory):
+                return False
+            self._sync_if_due()  # a long backlog must not hold back the interval's sync
+        return False
 
-    def _say_refusals(self) -> None:
-        """Rows refused by ``put`` are counted there (on the request path); said here, once when it starts and
-        once when a wake finds no new refusals."""
-        refused = self.refused
-        if refused > self._refused_seen and self._refusing_since is None:
-            log.error("prediction log: predictions come faster than the store and the spool together take them; "
-                      "rows past both bounds (%d rows each) are dropped and counted", self.queue_size)
-            self._refusing_since = self._refused_seen
-        elif refused == self._refused_seen and self._refusing_since is not None:
-            log.warning("prediction log: no longer dropping rows (%d dropped)", refused - self._refusing_since)
-            self._refusing_since = None
-        self._refused_seen = refused
+    def _sync_if_due(self) -> None:
+        if self.fsync == "interval" and time.monotonic() >= self._next_sync:
+            self._next_sync = time.monotonic() + self.flush_seconds
+            if self.journal.synced < self.journal.size:
+                self.journal.sync()
 
-    def _spill(self) -> None:
-        """Rows past the queue's bound into the spool, to be replayed as the store catches up."""
-        with self._lock:
-            taken, self._overflow = self._overflow, []
-        if not taken:
-            return
-        # Without shadow predictions: they cost as much as the rows' own scoring, and are added as the rows are
-        # replayed, when the store has caught up.
-        rows = list(chain.from_iterable(taken))
-        if self.store_up:  # (while the store is down, this is part of the outage, which is said already)
-            if not self.behind:  # said once per spell, and once when it has caught up
-                log.warning("prediction log: predictions come faster than the store takes them; rows past the "
-                            "queue (%d) go to %s and are written as the store catches up", self.queue_size,
-                            self.spool)
-            self.behind = True
-        self._spool_or_count(rows)
-        with self._lock:
-            self._overflowed -= len(rows)
+    def _next_batch(self, end: int) -> tuple[list, int, int]:
+        """The next transaction's rows, in journal order from the cursor: from memory where the writer has them,
+        read back from the journal where it does not. Returns (rows, journal offset after them, rows taken from
+        memory)."""
+        rows: list = []
+        position, from_memory = self._cursor, 0
+        while position < end and len(rows) < self.batch_size:
+            with self._lock:
+                memory = self._memory
+                while memory and memory[0].end <= position:  # already read back from the journal
+                    self._queued -= len(memory.popleft().rows)
+                while memory and memory[0].start == position and len(rows) < self.batch_size:
+                    entry = memory.popleft()
+                    self._queued -= len(entry.rows)
+                    rows.extend(entry.rows)
+                    position, from_memory = entry.end, from_memory + len(entry.rows)
+                gap_end = min(memory[0].start, end) if memory else end
+            if position < gap_end and len(rows) < self.batch_size:
+                read, position = self.journal.segment.read(position, gap_end, self.batch_size - len(rows))
+                rows.extend(read)
+                if not self.behind and self.store_up:  # said once per spell, and when it has caught up
+                    log.warning("prediction log: predictions come faster than the store takes them; rows past the "
+                                "queue (%d) wait in the journal %s and are written as the store catches up",
+                                self.queue_size, self.journal.segment.path)
+                    self.behind = True
+        return rows, position, from_memory
 
-    def _write(self, rows: list[tuple]) -> bool:
-        """Rows, and the next part of any spool, into the store in one transaction; if that fails, rows into
-        the spool."""
+    def _write(self, rows: list, position: int, from_memory: int) -> bool:
+        """Rows into the store, and the journal's offset with them, in one transaction."""
         try:
             if self._engine is None:
                 self._engine = connect(self.url)
-            with self._locked():
-                # While more than this transaction waits in memory, the spool is not read back: replaying it then
-                # only moves rows through it twice, and the backlog in memory is what overflows.
-                hot = self._overflowed or self._queued > 2 * self.batch_size
-                pending, replayed_to = ([], None) if hot else self._read_spool(REPLAY_ROWS)
-                if pending and self.shadow is not None:
-                    pending = self._add_shadow(pending)
-                with self._engine.begin() as conn:
-                    insert_predictions(conn, pending + rows)
-                if replayed_to is not None:
-                    self._spool_replayed(replayed_to)
-                    log.info("prediction log: replayed %d spooled rows", len(pending))
-            self.written += len(pending) + len(rows)
-            self.replayed += len(pending)
-            if self.behind and not self.spool.exists():  # replayed by this process or another worker
-                log.warning("prediction log: the store has caught up (the spool is replayed)")
-                self.behind = False
-            if not self.store_up:
-                log.warning("prediction log: the store answers again (spooled rows are replayed)")
-            self.store_up, self.last_error = True, None
-            return True
-        except Exception as exc:  # store down (SQLAlchemyError, OSError) or anything else: never lose the rows
-            if self.store_up:  # said once per outage; /model and /metrics keep counting
-                log.warning("prediction log: store unavailable, rows go to %s until it answers: %s", self.spool,
-                            f"{type(exc).__name__}: {exc}"[:300])
+            if rows and self.shadow is not None:
+                rows = self._add_shadow(rows)
+            with self._engine.begin() as conn:
+                insert_predictions(conn, rows)
+                upsert(conn, journal_offsets, [{"journal": self.journal.name, "position": position}], ["journal"])
+        except Exception as exc:  # store down (SQLAlchemyError, OSError) or anything else: the rows stay journaled
+            if self.store_up:  # said once per outage; /ready, /model and /metrics say it while it lasts
+                log.warning("prediction log: store unavailable, predictions wait in the journal %s until it "
+                            "answers: %s", self.journal.segment.path, f"{type(exc).__name__}: {exc}"[:300])
             self.store_up, self.last_error = False, f"{type(exc).__name__}: {exc}"[:300]
-            if rows:
-                self._spool_or_count(rows)
             return False
+        self._cursor = position
+        self.written += len(rows)
+        self.replayed += len(rows) - from_memory
+        if not self.store_up:
+            log.warning("prediction log: the store answers again (journaled predictions are written)")
+        if self.behind and self._cursor >= self.journal.size:
+            log.warning("prediction log: the store has caught up (the journal is written)")
+            self.behind = False
+        self.store_up, self.last_error = True, None
+        return True
 
-    def _spool_or_count(self, rows: list[tuple]) -> None:
-        """Rows the store did not take, into the spool; if even that fails (the spool at its size limit, a full
-        or read-only disk), they are counted as dropped, and the writer carries on: it must outlive the outage to
-        log what comes after."""
+    def _rotate_if_large(self) -> None:
+        """A journal all in the store and past ``ROTATE_BYTES`` is replaced by a new file and removed."""
+        with self._lock:
+            if self.journal.size < ROTATE_BYTES or self._cursor < self.journal.size:
+                return
+            old = self.journal.rotate()
+            self._cursor = 0
+        self._forget(old)
+
+    def _forget(self, segment: journal.Segment) -> None:
+        """Remove a journal that is all in the store, then its recorded offset."""
+        segment.close()
+        segment.path.unlink(missing_ok=True)
+        segment.path.with_suffix(".offset").unlink(missing_ok=True)  # beside a spool of an earlier version
         try:
-            self._append_spool(rows)
-        except OSError as exc:
-            self.dropped += len(rows)
-            self.last_error = f"spool unwritable, {len(rows)} rows dropped: {exc}"[:300]
-            if not self._spool_failing:  # said once, until the spool takes rows again
-                log.error("prediction log: %s", self.last_error)
-            self._spool_failing = True
-            return
-        if self._spool_failing:
-            log.warning("prediction log: the spool takes rows again")
-        self._spool_failing = False
+            with self._engine.begin() as conn:
+                conn.execute(delete(journal_offsets).where(journal_offsets.c.journal == segment.name))
+        except Exception as exc:  # a stale offset of a removed file: harmless
+            log.info("prediction log: could not forget the offset of %s: %s", segment.name, exc)
 
-    def _add_shadow(self, rows: list[tuple]) -> list[tuple]:
+    def _replay_orphans(self) -> None:
+        """Journals of dead processes (and spools of earlier versions) on this store, into it, from the offsets
+        it recorded; each file is removed once it is all in the store."""
+        self._next_orphan_scan = time.monotonic() + ORPHAN_SECONDS
+        for segment, fd in journal.orphans(self.spool_dir, self._prefixes, self.journal.name):
+            done = False
+            try:
+                done = self._replay(segment)
+            except Exception as exc:
+                log.warning("prediction log: could not replay %s yet: %s", segment.path, exc)
+            finally:
+                journal.release(segment, fd, remove=done)
+            if not done:
+                return
+            self._forget(segment)  # after the file is gone: the other order could replay it twice
+            if self._stop.is_set():
+                return
+
+    def _replay(self, segment: journal.Segment) -> bool:
+        if self._engine is None:
+            self._engine = connect(self.url)
+        with self._engine.connect() as conn:
+            position = conn.execute(select(journal_offsets.c.position)
+                                    .where(journal_offsets.c.journal == segment.name)).scalar()
+        if position is None:
+            legacy = segment.path.with_suffix(".offset")  # a spool of an earlier version keeps it beside
+            position = int(legacy.read_text()) if legacy.exists() else 0
+        size, total = segment.size(), 0
+        while position < size:
+            if self._stop.is_set():
+                return False
+            rows, after = segment.read(position, size, REPLAY_ROWS)
+            if rows and self.shadow is not None:
+                rows = self._add_shadow(rows)
+            with self._engine.begin() as conn:
+                insert_predictions(conn, rows)
+                upsert(conn, journal_offsets, [{"journal": segment.name, "position": after}], ["journal"])
+            position, total = after, total + len(rows)
+            self.written += len(rows)
+            self.replayed += len(rows)
+        log.warning("prediction log: replayed %d predictions left in %s by a process that stopped", total,
+                    segment.path)
+        return True
+
+    def _close(self) -> None:
+        """On stop: a journal all in the store goes; one that is not stays for the next process to replay."""
+        with self._lock:
+            complete = self._cursor >= self.journal.size
+            if self.fsync != "off":
+                self.journal.sync()
+            self.journal.close()
+        if complete and self._engine is not None:
+            self._forget(self.journal.segment)
+        elif complete:
+            self.journal.segment.path.unlink(missing_ok=True)
+        else:
+            log.warning("prediction log: stopping with %d bytes of predictions not yet in the store; they stay in "
+                        "%s and are written by the next process on this store", self.backlog_bytes,
+                        self.journal.segment.path)
+
+    def _say_drops(self) -> None:
+        """Rows the journal refused are counted on the request path; said here, once when it starts and once when
+        a wake finds no new ones."""
+        dropped = self.dropped
+        if dropped > self._dropped_seen and self._dropping_since is None:
+            log.error("prediction log: the journal refuses rows (%s); they are dropped and counted",
+                      self.last_error)
+            self._dropping_since = self._dropped_seen
+        elif dropped == self._dropped_seen and self._dropping_since is not None:
+            log.warning("prediction log: no longer dropping rows (%d dropped)", dropped - self._dropping_since)
+            self._dropping_since = None
+        self._dropped_seen = dropped
+
+    def _add_shadow(self, rows: list) -> list:
         """The rows with the challenger's predictions, where they have none yet."""
         todo = [i for i, row in enumerate(rows) if row[_SHADOW + 1] is None]
         if not todo:
@@ -252,74 +337,3 @@ class PredictionLog:
         for i, value in zip(todo, values, strict=True):
             rows[i] = (*rows[i][:_SHADOW], float(value), version)
         return rows
-
-    def _append_spool(self, rows: list[tuple]) -> None:
-        lines = b"".join(orjson.dumps(row) + b"\n" for row in rows)  # a quarter of json's CPU
-        with self._locked(), self.spool.open("ab+") as handle:
-            # A crash mid-append leaves a line without its end; end it, or the first row appended here would
-            # join it and be lost with it (replay counts the torn line once and keeps the rest).
-            end = handle.seek(0, os.SEEK_END)
-            if end + len(lines) > self.spool_max_bytes:
-                raise SpoolFullError(f"the spool {self.spool} would pass its limit of "
-                                     f"{self.spool_max_bytes / 1e6:g} MB (TRIPCAST_LOG_SPOOL_MAX_MB)")
-            if end:
-                handle.seek(end - 1)
-                if handle.read(1) != b"\n":
-                    lines = b"\n" + lines  # in append mode every write goes to the end, wherever we read
-            handle.write(lines)
-            handle.flush()
-        self.spooled += len(rows)
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with self._spool_lock.open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def _read_spool(self, limit: int) -> tuple[list[tuple], int | None]:
-        """Up to ``limit`` spooled rows after the offset already replayed, and the offset after them (None:
-        no spool)."""
-        if not self.spool.exists():
-            return [], None
-        start = int(self._spool_offset.read_text()) if self._spool_offset.exists() else 0
-        rows: list[tuple] = []
-        with self.spool.open("rb") as handle:
-            handle.seek(start)
-            while len(rows) < limit and (line := handle.readline()):
-                if line.strip():
-                    try:
-                        row = orjson.loads(line)
-                    except ValueError:  # a line torn by a crash mid-write: count it, keep the rest
-                        self.dropped += 1
-                        continue
-                    rows.append(_spooled_row(row))
-            return rows, handle.tell()
-
-    def _spool_replayed(self, offset: int) -> None:
-        """Record that the spool is in the store up to ``offset``; a spool replayed to its end is removed."""
-        if offset >= self.spool.stat().st_size:
-            # Offset first: a crash in between replays the spool twice, where the other order would apply a
-            # stale offset to the next spool and skip its rows.
-            self._spool_offset.unlink(missing_ok=True)
-            self.spool.unlink()
-        else:
-            partial = self._spool_offset.with_suffix(".offset-tmp")
-            partial.write_text(str(offset))
-            partial.replace(self._spool_offset)  # atomic: a crash leaves the old offset or the new one
-
-
-class SpoolFullError(OSError):
-    """The spool is at its size limit: like a full disk, but before the disk is."""
-
-
-def _spooled_row(row: list | dict) -> tuple:
-    """A spooled row; spools written by tripcast 0.1 hold one JSON object per row, with ISO 8601 times."""
-    if isinstance(row, list):
-        return tuple(row)
-    for key in ("logged_at", "pickup_datetime"):
-        if row.get(key):
-            row[key] = log_time(datetime.fromisoformat(row[key]))
-    return tuple(row.get(c) for c in PREDICTION_COLUMNS)
