@@ -13,7 +13,8 @@ import pytest
 from tripcast import training
 from tripcast.config import Settings
 from tripcast.errors import RegistryError
-from tripcast.registry import CHALLENGER, CHAMPION, Registry, decide
+from tripcast.models import verify
+from tripcast.registry import CHALLENGER, CHAMPION, Registry, decide, rolled_back
 from tripcast.tracking import source_tags
 
 pytestmark = pytest.mark.slow
@@ -55,7 +56,7 @@ def test_registry_model_predicts_exactly_what_training_predicted(settings: Setti
     assert inputs == {("green_tripdata_2021-01", "training"), ("green_tripdata_2021-02", "validation")}
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "plots")}
     assert artifacts == {"plots/residuals.png", "plots/predicted_vs_actual.png"}
-    reference = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path=training.REFERENCE_ARTIFACT)
+    reference = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path=verify.REFERENCE_ARTIFACT)
     # Monitoring's reference: every validation ride a client could send (any duration), with its prediction.
     reference = pd.read_parquet(reference)
     inputs = months["2021-02"].inputs
@@ -88,8 +89,13 @@ def test_flow_promotes_then_refuses_a_worse_challenger_and_rolls_back(settings: 
     assert registry.rollback() == (worse["version"], first["version"])
     assert registry.current(CHAMPION) == first["version"]
     assert "rollback.at" in registry.version(worse["version"]).tags
+    assert rolled_back(registry.version(worse["version"]), registry.current(CHAMPION))
     with pytest.raises(RegistryError, match="no previous champion"):
         registry.rollback()
+    # Promoted again after its rollback, it is champion, not "promoted (rolled back)" (`tripcast models list`).
+    registry.promote(worse["version"], reason="operator test, again")
+    assert not rolled_back(registry.version(worse["version"]), registry.current(CHAMPION))
+    assert not rolled_back(registry.version(first["version"]), registry.current(CHAMPION))
 
 
 def test_tuning_logs_each_trial_as_a_nested_run(settings: Settings, prefect_server: str) -> None:

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from tripcast import training
 from tripcast.config import Settings
+from tripcast.errors import ModelVerificationError
 from tripcast.registry import CHALLENGER, CHAMPION, Registry, decide
 from tripcast.rehearsal import ApiProcess as Server
 from tripcast.rehearsal import free_port
@@ -425,30 +426,29 @@ def test_hot_swap_under_load_fails_no_request(world: dict, server: Server) -> No
     assert dict(zip(logged["ride_id"], logged["model_version"], strict=True)) == {r[3]: r[2] for r in results}
 
 
-def test_a_failing_load_keeps_the_old_model_serving(world: dict, server: Server, tmp_path: Path) -> None:
+def test_a_version_that_cannot_be_verified_is_refused_and_the_old_model_serves(world: dict, server: Server,
+                                                                              tmp_path: Path) -> None:
     registry: Registry = world["registry"]
     serving = registry.current(CHAMPION)
     broken_dir = tmp_path / "broken-model"
     broken_dir.mkdir()
     (broken_dir / "MLmodel").write_text("artifact_path: model\nflavors: {}\n")
-    broken = registry.client.create_model_version(registry.name, source=str(broken_dir))
-    registry.promote(broken.version, reason="broken on purpose")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        state = httpx.get(f"{server.url}/model").json()[CHAMPION]
-        if state["reload_failures"]:
-            break
-        time.sleep(0.1)
-    assert state["reload_failures"] >= 1 and state["last_reload_error"]
-    assert state["serving"]["version"] == serving
+    broken = str(registry.client.create_model_version(registry.name, source=str(broken_dir)).version)
+    with pytest.raises(ModelVerificationError, match="no training run"):
+        registry.promote(broken, reason="broken on purpose")
+    registry.client.set_registered_model_alias(registry.name, CHAMPION, broken)  # as the MLflow UI can
+    eventually(lambda: broken in httpx.get(f"{server.url}/model").json()[CHAMPION]["refused"], 20)
+    state = httpx.get(f"{server.url}/model").json()[CHAMPION]
+    assert state["reload_failures"] >= 1 and state["serving"]["version"] == serving
     response = httpx.post(f"{server.url}/predict", json=COURSE_RIDE)
     assert response.status_code == 200 and response.headers["X-Model-Version"] == serving
     ready = httpx.get(f"{server.url}/ready").json()
-    assert ready["ready"] and ready["last_reload_error"]
-    assert 'tripcast_model_reload_failures{alias="champion"}' in httpx.get(f"{server.url}/metrics").text
-    registry.rollback()
-    # Back to the version it serves: the failure is over, and /ready no longer reports it.
-    eventually(lambda: httpx.get(f"{server.url}/ready").json()["last_reload_error"] is None)
+    assert ready["ready"] and ready["fallback"] and f"version {broken} refused" in ready["problems"][0]
+    assert 'tripcast_model_refused_versions{alias="champion"} 1.0' in httpx.get(f"{server.url}/metrics").text
+    registry.client.set_registered_model_alias(registry.name, CHAMPION, serving)
+    # Back to the version it serves: nothing is wrong any more, and /ready no longer says so.
+    eventually(lambda: httpx.get(f"{server.url}/ready").json()["problems"] == [])
+    assert httpx.get(f"{server.url}/ready").json()["fallback"] is None
 
 
 def _with_challenger(world: dict) -> tuple[str, str]:
@@ -542,16 +542,19 @@ def test_log_reaches_postgres_after_an_outage(world: dict, postgres_database) ->
             codes = list(pool.map(lambda r: httpx.post(f"{srv.url}/predict", json=r).status_code, rides[:100]))
         batch = httpx.post(f"{srv.url}/predict/batch", json={"rides": rides[100:]}, timeout=30)
         assert codes == [200] * 100 and batch.status_code == 200  # requests never wait for the store
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{srv.url}/model").json()["prediction_log"]["spooled"] < 400 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        eventually(lambda: not httpx.get(f"{srv.url}/model").json()["prediction_log"]["store_up"], 10)
         log_state = httpx.get(f"{srv.url}/model").json()["prediction_log"]
-        assert log_state["spooled"] == 400 and not log_state["store_up"] and log_state["written"] == 0
+        assert log_state["journal_backlog_bytes"] > 0 and log_state["written"] == 0
+        # Still ready (predictions flow, into the journal), and it says what is wrong.
+        ready = httpx.get(f"{srv.url}/ready")
+        assert ready.status_code == 200 and not ready.json()["prediction_log"]["store_up"]
+        assert ready.json()["problems"][0].startswith("monitoring store unavailable (")
         proxy.start()  # the store comes back
         rows = _logged(world["settings"], "outage", 400, timeout=30, url=f"postgresql://postgres@127.0.0.1/{name}")
         assert sorted(rows["ride_id"]) == sorted(r["ride_id"] for r in rides)
         log_state = httpx.get(f"{srv.url}/model").json()["prediction_log"]
         assert log_state["store_up"] and log_state["written"] == 400 and log_state["dropped"] == 0
+        assert httpx.get(f"{srv.url}/ready").json()["problems"] == []
     finally:
         srv.stop()
         proxy.stop()
