@@ -196,7 +196,8 @@ def test_the_writer_writes_from_memory_and_reads_back_what_memory_did_not_keep(t
     log.put(_rows("over", 200))  # 900 + 200 > 1000: journaled only, read back by the writer
     log.put(_rows("more", 50))  # 900 + 50 <= 1000: kept, after a gap the writer reads from the journal
     assert log.depth == 950 and log.dropped == 0 and first > 0
-    assert log.journal.segment.path.stat().st_size == log.journal.size  # all of it is in the file already
+    in_file = log.journal.segment.read(0, log.journal.size, 10_000)[0]  # all of it is in the file already
+    assert [r[0] for r in in_file] == [r[0] for r in _rows("first", 900) + _rows("over", 200) + _rows("more", 50)]
     log.start()
     _until(lambda: log.written >= 1150)
     log.put(_rows("second", 100))
@@ -224,7 +225,7 @@ def test_while_the_store_is_down_predictions_wait_in_the_journal(tmp_path: Path,
     log.start()
     _until(lambda: not log.store_up)
     time.sleep(0.3)  # several wakes: the outage is said once
-    assert log.written == 0 and log.backlog_bytes == log.journal.size > 0
+    assert log.written == 0 and log.backlog_bytes == log.journal.appended > 0
     folder.mkdir()  # the store comes back
     _until(lambda: log.written == 1000)
     log.stop()
@@ -316,18 +317,20 @@ def test_a_journal_left_by_a_killed_process_is_replayed_exactly_once(backend: st
     assert _offsets(url) == {} and list(spool.iterdir()) == []
 
 
-def test_a_journal_all_in_the_store_is_replaced_by_a_new_file(tmp_path: Path, monkeypatch) -> None:
+def test_a_journal_file_past_its_size_is_sealed_and_removed_once_in_the_store(tmp_path: Path, monkeypatch) -> None:
+    # Under steady load the writer is never all caught up: the files must still turn over, or the journal
+    # would grow until its limit and then drop rows.
     monkeypatch.setattr(predlog, "ROTATE_BYTES", 20_000)
     url = f"sqlite:///{tmp_path / 'store.db'}"
     log = PredictionLog(url, tmp_path / "spool", flush_seconds=0.02)
-    log.start()
-    first = log.journal.name
-    log.put(_rows("a", 300))  # ~40 kB
-    _until(lambda: log.journal.name != first)
+    first = log.journal.segment.name
+    log.put(_rows("a", 300))  # ~40 kB: sealed at once, and a new file started
+    assert log.journal.segment.name != first and [s.name for s, _ in log.journal.sealed] == [first]
     log.put(_rows("b", 10))
+    log.start()
     _until(lambda: log.written == 310)
-    assert [p.name for p in (tmp_path / "spool").glob("journal-*")] == [log.journal.name]
-    assert set(_offsets(url)) == {log.journal.name}
+    assert [p.name for p in (tmp_path / "spool").glob("journal-*")] == [log.journal.segment.name]
+    assert set(_offsets(url)) == {log.journal.segment.name} and log.backlog_bytes == 0
     log.stop()
     assert _stored(url)["ride_id"].is_unique and len(_stored(url)) == 310
 

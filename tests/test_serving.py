@@ -45,8 +45,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, tlc_mirror: Path) -> Iterato
     env = {"TRIPCAST_HOME": str(home), "TRIPCAST_TLC_MIRROR": str(tlc_mirror), "TRIPCAST_ADMIN_TOKEN": TOKEN,
            "TRIPCAST_POLL_SECONDS": "0.3", "TRIPCAST_LOG_FLUSH_SECONDS": "0.1", "TRIPCAST_PROGRESS": "false",
            "TRIPCAST_CONFIG": str(home / "absent.toml")}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    patch = pytest.MonkeyPatch()  # module-scoped: flows read their settings from the environment
+    for key, value in env.items():
+        patch.setenv(key, value)
     settings = Settings(home=home, tlc_mirror=str(tlc_mirror), progress=False)
     months = {m: training.read_month_data("green", m, settings)
               for m in ("2021-01", "2021-02")}
@@ -61,11 +62,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tlc_mirror: Path) -> Iterato
     pipelines = {v: registry.load_pipeline(v)[1] for v in versions}
     yield {"settings": settings, "env": env, "registry": registry, "versions": versions, "pipelines": pipelines,
            "rides": months["2021-02"].rides}
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    patch.undo()
 
 
 @pytest.fixture(scope="module")

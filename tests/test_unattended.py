@@ -169,8 +169,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, tlc_mirror: Path) -> Iterato
     env = {"TRIPCAST_HOME": str(home), "TRIPCAST_TLC_MIRROR": str(tlc_mirror), "TRIPCAST_POLL_SECONDS": "0.3",
            "TRIPCAST_LOG_FLUSH_SECONDS": "0.1", "TRIPCAST_PROGRESS": "false", "TRIPCAST_ADMIN_TOKEN": "t",
            "TRIPCAST_CONFIG": str(home / "absent.toml")}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    patch = pytest.MonkeyPatch()  # module-scoped: flows read their settings from the environment
+    for key, value in env.items():
+        patch.setenv(key, value)
     settings = Settings(home=home, tlc_mirror=str(tlc_mirror), progress=False)
     months = {m: training.read_month_data("green", m, settings) for m in ("2021-01", "2021-02")}
     registry = Registry(settings)
@@ -184,11 +185,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tlc_mirror: Path) -> Iterato
     spares = iter(str(v) for v in range(2, len(results) + 1))
     yield {"settings": settings, "env": env, "registry": registry, "months": months, "results": results,
            "spare": lambda: next(spares)}
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    patch.undo()
 
 
 @pytest.fixture(scope="module")

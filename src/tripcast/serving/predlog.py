@@ -25,8 +25,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from sqlalchemy import delete, select
 
@@ -39,13 +39,13 @@ log = logging.getLogger(__name__)
 ShadowScorer = Callable[[list[tuple]], tuple[list[float], str] | None]
 _SHADOW = PREDICTION_COLUMNS.index("shadow_prediction")
 REPLAY_ROWS = 20_000  # rows per transaction read back from a journal: ~0.3 s of work on SQLite
-ROTATE_BYTES = 64 << 20  # a journal all in the store and this large is replaced by a new file
+ROTATE_BYTES = 64 << 20  # a journal file this large is sealed and a new one started
 ORPHAN_SECONDS = 30.0  # how often the writer looks for journals left by dead processes
 
 
-@dataclass(frozen=True)
-class _Entry:
-    start: int  # the request's line in the journal: [start, end)
+class _Entry(NamedTuple):  # a tuple: the request path makes one per request
+    segment: journal.Segment  # the request's line: [start, end) in this file
+    start: int
     end: int
     rows: list[tuple]
 
@@ -60,7 +60,7 @@ class PredictionLog:
         # One journal per store, so rows are only ever replayed into the store they were meant for. Spools of
         # earlier tripcast versions ("predictions-<store>.jsonl") are replayed like any orphan.
         self._prefixes = (f"journal-{store_key}-", f"predictions-{store_key}")
-        self.journal = journal.Journal(spool_dir, self._prefixes[0], fsync, int(spool_max_mb * 1e6))
+        self.journal = journal.Journal(spool_dir, self._prefixes[0], fsync, int(spool_max_mb * 1e6), ROTATE_BYTES)
         self.fsync = fsync
         self.batch_size = batch_size
         self.flush_seconds = flush_seconds
@@ -68,7 +68,7 @@ class PredictionLog:
         self.queue_size = queue_size  # rows kept in memory for the writer; past it, they are read back
         self._memory: deque[_Entry] = deque()
         self._queued = 0
-        self._cursor = 0  # bytes of this process's journal in the store
+        self._cursor = 0  # bytes of the oldest of this process's journal files in the store
         self._lock = threading.Lock()  # journal order == memory order: appends and queueing under one lock
         self._engine = None
         self._stop = threading.Event()
@@ -93,19 +93,18 @@ class PredictionLog:
     # --- request side --------------------------------------------------------------------------------
     def put(self, rows: list[tuple]) -> int:
         """Journal a request's rows (durable against this process dying once this returns); never blocks on the
-        store. Returns the journal offset to pass to ``wait_durable``; 0 if the rows were dropped."""
+        store. Returns what to pass to ``wait_durable`` (0 if the rows were dropped)."""
         with self._lock:
-            start = self.journal.size
             try:
-                end = self.journal.append(rows)
+                segment, start = self.journal.append(rows)
             except OSError as exc:  # the journal at its limit, a full disk: counted, said by the writer
                 self.dropped += len(rows)
                 self.last_error = f"journal refused {len(rows)} rows: {exc}"[:300]
                 return 0
             if self._queued + len(rows) <= self.queue_size:
-                self._memory.append(_Entry(start, end, rows))
+                self._memory.append(_Entry(segment, start, self.journal.size, rows))
                 self._queued += len(rows)
-            return end
+            return self.journal.appended
 
     def wait_durable(self, offset: int) -> None:
         """With ``fsync=always``: return once the journal is on the disk up to ``offset`` (a group commit)."""
@@ -120,7 +119,7 @@ class PredictionLog:
     @property
     def backlog_bytes(self) -> int:
         """Bytes of this process's journal not yet in the store."""
-        return self.journal.size - self._cursor
+        return self.journal.sealed_bytes + self.journal.size - self._cursor
 
     def health(self) -> dict:
         return {"store_up": self.store_up, "behind": self.behind, "queued": self.depth,
@@ -154,54 +153,61 @@ class PredictionLog:
             self._close()
 
     def _drain(self) -> bool:
-        """Write everything journaled so far, a transaction at a time; True if all of it is in the store."""
-        while not self._stop.is_set() or self.store_up:
-            with self._lock:
-                end = self.journal.size
-            if self._cursor >= end:
-                self._rotate_if_large()
-                return True
-            rows, position, from_memory = self._next_batch(end)
-            if not self._write(rows, position, from_memory):
-                return False
-            self._sync_if_due()  # a long backlog must not hold back the interval's sync
-        return False
+        """Write what was journaled when the writer woke, file by file, a transaction at a time; True if all of it
+        is in the store. What arrives meanwhile waits for the next wake: chasing it wrote a stream of tiny
+        transactions (a quarter more CPU per request)."""
+        with self._lock:
+            targets = [*self.journal.sealed, (self.journal.segment, self.journal.size)]
+        for segment, end in targets:
+            while self._cursor < end:
+                if self._stop.is_set() and not self.store_up:
+                    return False
+                rows, position, from_memory = self._next_batch(segment, end)
+                if not self._write(segment, rows, position, from_memory):
+                    return False
+                self._sync_if_due()  # a long backlog must not hold back the interval's sync
+            if segment is not targets[-1][0]:  # a sealed file, all in the store: the next one
+                with self._lock:
+                    self.journal.forget_oldest()
+                    self._cursor = 0
+                self._forget_offset(segment)
+        return True
 
     def _sync_if_due(self) -> None:
         if self.fsync == "interval" and time.monotonic() >= self._next_sync:
             self._next_sync = time.monotonic() + self.flush_seconds
-            if self.journal.synced < self.journal.size:
+            if self.journal.synced < self.journal.appended:
                 self.journal.sync()
 
-    def _next_batch(self, end: int) -> tuple[list, int, int]:
+    def _next_batch(self, segment: journal.Segment, end: int) -> tuple[list, int, int]:
         """The next transaction's rows, in journal order from the cursor: from memory where the writer has them,
-        read back from the journal where it does not. Returns (rows, journal offset after them, rows taken from
-        memory)."""
+        read back from the file where it does not. Returns (rows, offset after them, rows taken from memory)."""
         rows: list = []
         position, from_memory = self._cursor, 0
         while position < end and len(rows) < self.batch_size:
             with self._lock:
                 memory = self._memory
-                while memory and memory[0].end <= position:  # already read back from the journal
+                while memory and memory[0].segment is segment and memory[0].end <= position:  # read back already
                     self._queued -= len(memory.popleft().rows)
-                while memory and memory[0].start == position and len(rows) < self.batch_size:
+                while memory and memory[0].segment is segment and memory[0].start == position \
+                        and len(rows) < self.batch_size:
                     entry = memory.popleft()
                     self._queued -= len(entry.rows)
                     rows.extend(entry.rows)
                     position, from_memory = entry.end, from_memory + len(entry.rows)
-                gap_end = min(memory[0].start, end) if memory else end
+                gap_end = min(memory[0].start, end) if memory and memory[0].segment is segment else end
             if position < gap_end and len(rows) < self.batch_size:
-                read, position = self.journal.segment.read(position, gap_end, self.batch_size - len(rows))
+                read, position = segment.read(position, gap_end, self.batch_size - len(rows))
                 rows.extend(read)
                 if not self.behind and self.store_up:  # said once per spell, and when it has caught up
                     log.warning("prediction log: predictions come faster than the store takes them; rows past the "
-                                "queue (%d) wait in the journal %s and are written as the store catches up",
-                                self.queue_size, self.journal.segment.path)
+                                "queue (%d) wait in the journal in %s and are written as the store catches up",
+                                self.queue_size, self.spool_dir)
                     self.behind = True
         return rows, position, from_memory
 
-    def _write(self, rows: list, position: int, from_memory: int) -> bool:
-        """Rows into the store, and the journal's offset with them, in one transaction."""
+    def _write(self, segment: journal.Segment, rows: list, position: int, from_memory: int) -> bool:
+        """Rows into the store, and how far their journal file is in it, in one transaction."""
         try:
             if self._engine is None:
                 self._engine = connect(self.url)
@@ -209,11 +215,11 @@ class PredictionLog:
                 rows = self._add_shadow(rows)
             with self._engine.begin() as conn:
                 insert_predictions(conn, rows)
-                upsert(conn, journal_offsets, [{"journal": self.journal.name, "position": position}], ["journal"])
+                upsert(conn, journal_offsets, [{"journal": segment.name, "position": position}], ["journal"])
         except Exception as exc:  # store down (SQLAlchemyError, OSError) or anything else: the rows stay journaled
             if self.store_up:  # said once per outage; /ready, /model and /metrics say it while it lasts
-                log.warning("prediction log: store unavailable, predictions wait in the journal %s until it "
-                            "answers: %s", self.journal.segment.path, f"{type(exc).__name__}: {exc}"[:300])
+                log.warning("prediction log: store unavailable, predictions wait in the journal in %s until it "
+                            "answers: %s", self.spool_dir, f"{type(exc).__name__}: {exc}"[:300])
             self.store_up, self.last_error = False, f"{type(exc).__name__}: {exc}"[:300]
             return False
         self._cursor = position
@@ -221,26 +227,14 @@ class PredictionLog:
         self.replayed += len(rows) - from_memory
         if not self.store_up:
             log.warning("prediction log: the store answers again (journaled predictions are written)")
-        if self.behind and self._cursor >= self.journal.size:
+        if self.behind and not self.backlog_bytes:
             log.warning("prediction log: the store has caught up (the journal is written)")
             self.behind = False
         self.store_up, self.last_error = True, None
         return True
 
-    def _rotate_if_large(self) -> None:
-        """A journal all in the store and past ``ROTATE_BYTES`` is replaced by a new file and removed."""
-        with self._lock:
-            if self.journal.size < ROTATE_BYTES or self._cursor < self.journal.size:
-                return
-            old = self.journal.rotate()
-            self._cursor = 0
-        self._forget(old)
-
-    def _forget(self, segment: journal.Segment) -> None:
-        """Remove a journal that is all in the store, then its recorded offset."""
-        segment.close()
-        segment.path.unlink(missing_ok=True)
-        segment.path.with_suffix(".offset").unlink(missing_ok=True)  # beside a spool of an earlier version
+    def _forget_offset(self, segment: journal.Segment) -> None:
+        """Forget a removed file's offset (after the file: the other order could replay it twice)."""
         try:
             with self._engine.begin() as conn:
                 conn.execute(delete(journal_offsets).where(journal_offsets.c.journal == segment.name))
@@ -251,17 +245,18 @@ class PredictionLog:
         """Journals of dead processes (and spools of earlier versions) on this store, into it, from the offsets
         it recorded; each file is removed once it is all in the store."""
         self._next_orphan_scan = time.monotonic() + ORPHAN_SECONDS
-        for segment, fd in journal.orphans(self.spool_dir, self._prefixes, self.journal.name):
-            done = False
+        for segment in journal.orphans(self.spool_dir, self._prefixes):
             try:
                 done = self._replay(segment)
             except Exception as exc:
                 log.warning("prediction log: could not replay %s yet: %s", segment.path, exc)
-            finally:
-                journal.release(segment, fd, remove=done)
+                done = False
             if not done:
+                segment.close()
                 return
-            self._forget(segment)  # after the file is gone: the other order could replay it twice
+            segment.remove()
+            segment.path.with_suffix(".offset").unlink(missing_ok=True)  # beside a spool of an earlier version
+            self._forget_offset(segment)
             if self._stop.is_set():
                 return
 
@@ -274,7 +269,7 @@ class PredictionLog:
         if position is None:
             legacy = segment.path.with_suffix(".offset")  # a spool of an earlier version keeps it beside
             position = int(legacy.read_text()) if legacy.exists() else 0
-        size, total = segment.size(), 0
+        size, total = segment.data_end(), 0
         while position < size:
             if self._stop.is_set():
                 return False
@@ -294,18 +289,18 @@ class PredictionLog:
     def _close(self) -> None:
         """On stop: a journal all in the store goes; one that is not stays for the next process to replay."""
         with self._lock:
-            complete = self._cursor >= self.journal.size
+            complete = not self.backlog_bytes
             if self.fsync != "off":
                 self.journal.sync()
+            if complete:
+                self.journal.segment.remove()
             self.journal.close()
         if complete and self._engine is not None:
-            self._forget(self.journal.segment)
-        elif complete:
-            self.journal.segment.path.unlink(missing_ok=True)
-        else:
+            self._forget_offset(self.journal.segment)
+        elif not complete:
             log.warning("prediction log: stopping with %d bytes of predictions not yet in the store; they stay in "
-                        "%s and are written by the next process on this store", self.backlog_bytes,
-                        self.journal.segment.path)
+                        "the journal in %s and are written by the next process on this store", self.backlog_bytes,
+                        self.spool_dir)
 
     def _say_drops(self) -> None:
         """Rows the journal refused are counted on the request path; said here, once when it starts and once when
