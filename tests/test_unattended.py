@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+import redis
 import sqlalchemy as sa
 from conftest import eventually
 from test_cli import run
@@ -261,6 +262,23 @@ def test_an_api_restarted_on_a_damaged_champion_serves_the_last_good_one(world: 
             finally:
                 server.stop()
         assert "serving version 1, the last champion before it" in (tmp_path / "api-1.log").read_text()
+        # The stream consumer too: it predicts with version 1, where it would have crashed on the champion.
+        stream_name = f"unattended-{os.getpid()}"
+        redis_client = redis.Redis()
+        consumer = subprocess.Popen([sys.executable, "-m", "tripcast", "stream", "--input", f"{stream_name}:in",
+                                     "--output", f"{stream_name}:out", "--dead-letter", f"{stream_name}:dead",
+                                     "--group", stream_name], env=os.environ | world["env"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            redis_client.xadd(f"{stream_name}:in", {"ride": json.dumps(
+                {"PULocationID": 74, "DOLocationID": 75, "trip_distance": 1.2, "ride_id": "stream-1"})})
+            eventually(lambda: redis_client.xlen(f"{stream_name}:out") == 1, 60)
+            assert redis_client.xrange(f"{stream_name}:out")[0][1][b"model_version"] == b"1"
+        finally:
+            consumer.send_signal(signal.SIGTERM)
+            said = consumer.communicate(timeout=30)[1]
+            redis_client.delete(*(f"{stream_name}:{k}" for k in ("in", "out", "dead")))
+        assert consumer.returncode == 0 and "Traceback" not in said and f"version {version} refused" in said
         # Batch scoring refuses it in one line, and the registry will not promote it.
         result = run(["score", "--month", "2021-02"])
         assert result.returncode == 2 and "Traceback" not in result.stderr

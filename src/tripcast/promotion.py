@@ -39,12 +39,9 @@ class Judgement:
     compared_on: str  # which rides, in words
 
 
-def _outside(rides: MonthData, periods: list[tuple[datetime, datetime]]) -> np.ndarray:
-    pickup = rides.rides["pickup_datetime"]
-    inside = np.zeros(len(pickup), dtype=bool)
-    for start, end in periods:
-        inside |= ((pickup >= start) & (pickup < end)).to_numpy()
-    return ~inside
+def _outside(data: MonthData, period: tuple[datetime, datetime]) -> np.ndarray:
+    pickup = data.rides["pickup_datetime"]
+    return ((pickup < period[0]) | (pickup >= period[1])).to_numpy()
 
 
 def _rmse(actual: np.ndarray, predicted: np.ndarray) -> float:
@@ -79,7 +76,7 @@ def judge(registry: Registry, version: ModelVersion, result: TrainingResult, val
 
     champion_version = str(champion_mv.version)
     champion_period = registry.training_period(champion_mv)
-    keep = _outside(validation, [champion_period]) if champion_period else np.ones(len(validation.rides), bool)
+    keep = _outside(validation, champion_period) if champion_period else np.ones(len(validation.rides), bool)
     rows = int(keep.sum())
     if rows >= max(min_rows, 1):
         actual = feats.targets(validation.rides)[keep]
@@ -92,7 +89,7 @@ def judge(registry: Registry, version: ModelVersion, result: TrainingResult, val
             note += f"on {compared_on}: "
     else:
         said = (f"the champion (version {champion_version}) was trained on the rides this version is validated on "
-                f"({validation.month})")
+                f"({validation.month}" + (f"; {rows:,} outside its training period" if rows else "") + ")")
         trained_on = [p for p in (champion_period, result.train_period) if p is not None]
         window = fresh(trained_on) if fresh is not None else None
         if window is None or len(window.rides) < max(min_rows, 1):

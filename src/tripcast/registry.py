@@ -147,7 +147,7 @@ class Registry:
             if not mv.run_id:
                 raise ModelVerificationError("it has no training run: nothing to check it against")
             recorded = self.recorded_digests(mv)
-            reference = self.reference_path(mv, recorded)
+            reference = self._reference(mv, recorded)
             with tempfile.TemporaryDirectory() as tmp:
                 local = mlflow.artifacts.download_artifacts(f"models:/{self.name}/{version}", dst_path=tmp,
                                                             **self._uris)
@@ -173,10 +173,12 @@ class Registry:
                         "its predictions only", self.name, mv.version)
         return recorded
 
-    def reference_path(self, mv: ModelVersion, recorded: dict[str, str] | None = None) -> Path:
+    def reference_path(self, mv: ModelVersion) -> Path:
         """The version's reference rides with the predictions recorded at training (monitoring's baseline and
         verification's), cached under TRIPCAST_HOME and checked against its recorded digest."""
-        recorded = self.recorded_digests(mv) if recorded is None else recorded
+        return self._reference(mv, self.recorded_digests(mv))
+
+    def _reference(self, mv: ModelVersion, recorded: dict[str, str] | None) -> Path:
         expected = (recorded or {}).get(verify.REFERENCE_ARTIFACT)
         path = self.settings.home / "references" / f"{self.name}-v{mv.version}.parquet"
         if path.exists() and (expected is None or verify.sha256(path) == expected):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tripcast.errors import ModelVerificationError
+from tripcast.errors import ModelVerificationError, RegistryError
 
 DIGESTS_TAG = "tripcast.sha256"  # on the training run: {artifact path: SHA-256} of what it logged
 PIPELINE_ARTIFACT = "pipeline"  # the pipeline's folder inside the logged model's artifacts
@@ -112,8 +112,9 @@ def check_in_subprocess(folder: Path, reference: Path, timeout: float) -> None:
         raise ModelVerificationError(lines[-1] if lines else f"its checking process exited {done.returncode}")
 
 
-class CheckTimeout(ModelVerificationError):
-    """The check did not finish in time: maybe a busy machine, so not held against the version for good."""
+class CheckTimeout(RegistryError):
+    """The check did not finish in time: maybe a busy machine, so not held against the version (not a failed
+    verification): tried again later."""
 
 
 def recorded_digests(tags: dict[str, str]) -> dict[str, str] | None:

@@ -23,7 +23,6 @@ import pandas as pd
 
 from tripcast.errors import ModelVerificationError
 from tripcast.models import TripDurationPipeline
-from tripcast.models.verify import CheckTimeout
 from tripcast.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -71,6 +70,7 @@ class ModelHolder:
         self.refused: dict[str, str] = {}  # version -> why it failed verification (never tried again)
         self.fallback: str | None = None  # why the version served is not the alias's
         self._warned = 0.0  # when the last failure was logged
+        self._waiting_for: str | None = None  # a refused version with no earlier champion to serve instead (said)
         self._lock = threading.Lock()  # one refresh at a time (watcher and /admin/reload)
         for key, value in FAIL_FAST.items():
             os.environ.setdefault(key, value)
@@ -91,11 +91,9 @@ class ModelHolder:
                     return False
                 loaded = self._load(version)
             except ModelVerificationError as exc:
-                if isinstance(exc, CheckTimeout):  # a busy machine, perhaps: tried again at the next poll
-                    return self._failed(serving, exc)
                 self._refuse(version, exc)
                 return self._fall_back(version) if self.current is None and self.fall_back else False
-            except Exception as exc:  # any other failure: keep serving what we have, and say why
+            except Exception as exc:  # any other failure (a check that timed out too): tried again at the next poll
                 return self._failed(serving, exc)
             self._serve(loaded)
             self.fallback = None
@@ -129,12 +127,12 @@ class ModelHolder:
         """Serve the newest earlier champion that passes verification; False (waiting) if none does."""
         try:
             candidates = [v for v in reversed(self.registry.history()) if v != refused and v not in self.refused]
+            if not candidates and self._waiting_for == refused:
+                return False  # said already: waiting for a new version
             for version in candidates[:FALLBACK_CANDIDATES]:
                 try:
                     loaded = self._load(version)
                 except ModelVerificationError as exc:
-                    if isinstance(exc, CheckTimeout):
-                        raise
                     self._refuse(version, exc)
                     continue
                 self._serve(loaded)
@@ -144,9 +142,9 @@ class ModelHolder:
                 return True
         except Exception as exc:
             return self._failed("nothing", exc)
-        self.fallback = None
         log.error("alias %s: version %s was refused and no earlier champion passes verification; waiting for a new "
                   "version", self.alias, refused)
+        self._waiting_for = refused
         return False
 
     def _ok(self, serving: str) -> None:
