@@ -27,8 +27,11 @@ app = typer.Typer(help="Predict NYC taxi trip durations and keep the prediction 
 data_app = typer.Typer(help="Download and inspect TLC monthly trip files.", no_args_is_help=True)
 models_app = typer.Typer(help="The model registry: versions, champion / challenger, promotion, rollback.",
                          no_args_is_help=True)
+experiment_app = typer.Typer(help="Online experiments: a challenger against the champion on live traffic.",
+                              no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+app.add_typer(experiment_app, name="experiment")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
@@ -300,6 +303,11 @@ def monitor(
         out.print(f"[yellow]alert[/yellow] {message}", highlight=False)
     if result["decision"]:
         out.print(f"decision: {result['decision']['action']}: {result['decision']['reason']}", highlight=False)
+    if result["experiment"]:
+        look = result["experiment"]
+        out.print(f"{look['kind']} {look['experiment_id']} ({look['mode']}, v{look['challenger_version']} vs "
+                  f"v{look['champion_version']}): {look['decision']}: {look['reason']}", highlight=False,
+                  soft_wrap=True)
 
 
 @app.command()
@@ -346,6 +354,10 @@ def loop(
         note = f" alerts {len(outcome['alerts'])}" if outcome["alerts"] else ""
         if outcome["decision"]:
             note += f"; {outcome['decision']['action']}"
+        if outcome["experiment"]:
+            look = outcome["experiment"]
+            note += (f"; {look['kind']} v{look['challenger_version']} ({look['mode']}): {look['rides']:,} labelled "
+                     f"rides, {look['decision']}")
         err.print(f"{window}: {rides:,} rides replayed{note}", highlight=False)
 
     result = run_loop(options, settings, progress if settings.progress else None)
@@ -353,14 +365,15 @@ def loop(
         out.print(result.bootstrap, highlight=False)
     table = Table(title=f"tripcast loop: {color} {first}..{last}" + (f", {drift} from {drift_from or first}"
                                                                      if drift else ""), box=box.SIMPLE_HEAD)
-    for column in ("window", "rides", "served", "drift", "pred", "OD", "RMSE", "/val", "alerts", "decision"):
-        table.add_column(column, justify="left" if column in ("window", "served", "decision") else "right",
-                         no_wrap=True)
+    for column in ("window", "rides", "served", "drift", "pred", "OD", "RMSE", "/val", "alerts", "experiment",
+                   "decision"):
+        table.add_column(column, justify="left" if column in ("window", "served", "experiment", "decision")
+                         else "right", no_wrap=True)
     for row in timeline_rows(result):
         table.add_row(row["window"], f"{row['rides']:,}", row["served"], _num(row["drift_share"], 2),
                       _num(row["prediction_drift"]), _num(row["od_drift"]), _num(row["rmse"], 2),
-                      _num(row["rmse_ratio"], 2), str(row["alerts"] or ""), row["decisions"])
-    Console(width=max(out.width, 120)).print(table)  # a table cut to 80 columns is unreadable in a log
+                      _num(row["rmse_ratio"], 2), str(row["alerts"] or ""), row["experiment"], row["decisions"])
+    Console(width=max(out.width, 140)).print(table)  # a table cut to 80 columns is unreadable in a log
     for d in result.timeline["decisions"]:
         out.print(f"{d['event_time'][:10]} {d['action']}: {d['reason']}", highlight=False, soft_wrap=True)
     path = save_timeline(result, settings.home / "loop" / "timeline.csv")
@@ -529,3 +542,74 @@ def models_rollback() -> None:
     """Move champion back to the previous champion."""
     previous, restored = _registry().rollback()
     out.print(f"champion rolled back from version {previous} to version {restored}", highlight=False)
+
+
+# --- experiments ---------------------------------------------------------------------------------------
+@experiment_app.command("start")
+def experiment_start(
+    version: Annotated[str, typer.Argument(help="The challenger: a registered version number.")],
+    mode: Annotated[str, typer.Option(help="shadow (the challenger scores every ride, the champion answers) or ab "
+                                           "(a share of rides is answered by the challenger).")] = "shadow",
+    weight: Annotated[float, typer.Option(help="ab: the challenger's share of rides, between 0 and 1.")] = 0.1,
+) -> None:
+    """Start an experiment of VERSION against the champion; the API follows it (no restart), and each
+    monitoring run looks at the evidence and promotes, rejects or continues."""
+    if mode not in ("shadow", "ab"):
+        _fail(f"mode {mode!r}: choose shadow or ab")
+    if mode == "ab" and not 0 < weight < 1:
+        _fail(f"weight {weight:g}: an A/B experiment needs a share of rides between 0 and 1 (exclusive)")
+    from tripcast.monitoring import experiments
+
+    registry, engine, now = _experiments_context()
+    with registry.decision_lock():
+        started = experiments.start(engine, registry, registry.settings, version, mode, weight,
+                                    "started by hand (tripcast experiment start)", now)
+    out.print(f"{experiments.describe(started)} started; the API follows it at its next poll "
+              "(POST /admin/reload: at once)", highlight=False)
+
+
+@experiment_app.command("status")
+def experiment_status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Experiments and guards, newest first: versions, mode, status, labelled rides, estimate and interval."""
+    from tripcast.monitoring import experiments
+
+    _, engine, _ = _experiments_context()
+    found = experiments.status(engine)
+    if as_json:
+        print(json.dumps(found))
+        return
+    table = Table("id", "kind", "mode", "champion", "challenger", "status", "rides", "estimate", "interval",
+                  title="experiments")
+    for e in found:
+        low, high = e["interval"]
+        table.add_row(str(e["id"]), e["kind"], e["mode"] + (f" {e['weight']:.0%}" if e["weight"] else ""),
+                      f"v{e['champion_version']}", f"v{e['challenger_version']}", e["status"],
+                      f"{e['labelled_rides']:,}", "" if e["estimate"] is None else f"{e['estimate']:+.1%}",
+                      "" if low is None or high is None else f"[{low:+.1%}, {high:+.1%}]")
+    out.print(table if table.row_count else "no experiments yet")
+
+
+@experiment_app.command("stop")
+def experiment_stop(
+    reason: Annotated[str, typer.Option(help="Recorded with the experiment.")] = "stopped by hand",
+) -> None:
+    """Stop the running experiment (or guard) without a decision: the API serves the champion alone again."""
+    from tripcast.monitoring import experiments
+
+    registry, engine, now = _experiments_context()
+    with registry.decision_lock():
+        stopped = experiments.stop(engine, registry, reason, now)
+    out.print(f"{experiments.describe(stopped)} stopped", highlight=False)
+
+
+def _experiments_context():
+    """The registry, the monitoring store and the event time now (the newest logged pickup)."""
+    from datetime import datetime
+
+    from tripcast.monitoring.windows import logged_span
+    from tripcast.store import shared
+
+    registry = _registry()
+    engine = shared(registry.settings.resolved_monitoring_uri)
+    span = logged_span(engine)
+    return registry, engine, span[1] if span else datetime.now()

@@ -49,7 +49,7 @@ class Settings:
     download_timeout_seconds: Seconds = 60.0
     # MLflow. None means the embedded SQLite store under home.
     tracking_uri: str | None = None
-    experiment: Name = "tripcast"
+    mlflow_experiment: Name = "tripcast"  # the MLflow experiment runs are logged to
     model_name: Name = "tripcast-duration"
     # How long a command waits for the registry (an MLflow server or database) to answer before it gives up.
     registry_wait_seconds: Annotated[float, Field(ge=0, le=3600)] = 10.0
@@ -92,6 +92,9 @@ class Settings:
     drift_threshold: Annotated[float, Field(gt=0)] = 0.1  # per column: Jensen-Shannon / normed Wasserstein
     drift_share: Annotated[float, Field(gt=0, le=1)] = 0.5  # share of drifted features: the dataset drifted
     od_drift_threshold: Annotated[float, Field(gt=0, le=1)] = 0.12  # Jensen-Shannon distance of the pair mix
+    # A distance is also held to what sampling noise alone reaches at the window's and the reference's sizes
+    # (tripcast.monitoring.stats): the chance that noise alone passes that second threshold.
+    drift_false_alarm: Annotated[float, Field(gt=0, lt=0.5)] = 0.01
     rmse_increase: Annotated[float, Field(gt=0)] = 0.2  # accuracy alert at RMSE >= (1 + this) x validation RMSE
     alert_windows: Annotated[int, Field(ge=1, le=100)] = 1  # consecutive breached windows before a rule fires
     alert_webhook_url: str | None = None
@@ -105,6 +108,16 @@ class Settings:
     retrain_cooldown_days: Days = 7.0  # event time between two retrains
     retrain_max: Count = 3  # at most this many retrains ...
     retrain_period_days: Annotated[float, Field(gt=0)] = 30.0  # ... per this period (event time)
+    # Online experiments (see tripcast.monitoring.experiments): what automation does with a challenger that
+    # passes the offline gate (off: promote it at once), and the sequential test that decides.
+    experiment: Literal["shadow", "ab", "off"] = "shadow"
+    experiment_weight: Annotated[float, Field(gt=0, lt=1)] = 0.1  # ab: the challenger's share of rides
+    experiment_alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.05  # 1 - confidence of every decision
+    experiment_min_rides: Annotated[int, Field(ge=100)] = 1_000  # labelled rides before any decision
+    experiment_planned_rides: Annotated[int, Field(ge=100)] = 20_000  # where the test's interval is tightest
+    experiment_max_rides: Count = 1_000_000  # futility: rejected if the margin is not shown by then ...
+    experiment_max_days: Annotated[float, Field(gt=0)] = 28.0  # ... or by this much event time
+    guard_days: Days = 7.0  # after a promotion the old champion is shadowed this long (0: no guard)
 
     @field_validator("retrain_model")
     @classmethod

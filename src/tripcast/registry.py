@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import tempfile
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
 HISTORY_KEEP = 50
+TRAFFIC, TRAFFIC_KEYS = "traffic", ("mode", "weight", "id", "kind")  # registered-model tags: traffic.mode, ...
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,36 @@ class Registry:
             return datetime(year, month, 1), datetime(year + month // 12, month % 12 + 1, 1)
         return None
 
+    # --- the traffic an experiment asks of serving ------------------------------------------------------
+    def traffic(self) -> dict[str, str] | None:
+        """What serving should do beside answering with the champion, as the running experiment (or guard)
+        recorded it on the registered model: ``{"mode", "weight", "id", "kind"}``; None when none runs. Every API
+        worker and replica reads it at each poll, as it reads the alias."""
+        try:
+            tags = self.client.get_registered_model(self.name).tags
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise RegistryError(f"could not read the registered model's tags: {str(exc)[:300]}") from None
+        if f"{TRAFFIC}.mode" not in tags:
+            return None
+        return {key: tags[f"{TRAFFIC}.{key}"] for key in TRAFFIC_KEYS if f"{TRAFFIC}.{key}" in tags}
+
+    def set_traffic(self, version: str, traffic: dict[str, str]) -> None:
+        """``version`` behind ``challenger``, in the mode (and at the weight) of ``traffic``."""
+        self.client.set_registered_model_alias(self.name, CHALLENGER, version)
+        for key in TRAFFIC_KEYS:
+            if key in traffic:
+                self.client.set_registered_model_tag(self.name, f"{TRAFFIC}.{key}", str(traffic[key]))
+
+    def clear_traffic(self) -> None:
+        """No experiment: serving answers with the champion alone, and shadows nothing."""
+        for key in TRAFFIC_KEYS:
+            with suppress(MlflowException):  # not set
+                self.client.delete_registered_model_tag(self.name, f"{TRAFFIC}.{key}")
+        if self.current(CHALLENGER) is not None:
+            self.client.delete_registered_model_alias(self.name, CHALLENGER)
+
     def decision_lock(self) -> AbstractContextManager[None]:
         """Held around read-champion -> decide -> apply, so that concurrent runs decide one at a time."""
         return locks.exclusive(f"registry-{self.name}", self.settings)
@@ -245,22 +276,25 @@ class Registry:
         self.verified_pipeline(mv)
         version = str(mv.version)
         with self.decision_lock():
-            self._promote(version, reason)
+            self.promote_locked(version, reason)
         return self.version(version)
 
-    def _promote(self, version: str, reason: str) -> None:
-        self.client.set_model_version_tag(self.name, version, "promotion.decision", "promoted")
-        self.client.set_model_version_tag(self.name, version, "promotion.reason", reason)
-        self.client.set_model_version_tag(self.name, version, "promotion.at", _now())
+    def promote_locked(self, version: str, reason: str, tags: dict[str, str] | None = None) -> None:
+        """Make ``version`` champion, with its reason and ``tags``; the caller holds ``decision_lock()`` and has
+        verified the version."""
+        for key, value in ({"promotion.decision": "promoted", "promotion.reason": reason, "promotion.at": _now()}
+                           | (tags or {})).items():
+            self.client.set_model_version_tag(self.name, version, key, value)
         self._make_champion(version)
 
     def rollback(self) -> tuple[str, str]:
         """Move ``champion`` back to the previous champion, which must pass verification; returns (from_version,
         to_version)."""
         with self.decision_lock():
-            return self._rollback()
+            return self.rollback_locked()
 
-    def _rollback(self) -> tuple[str, str]:
+    def rollback_locked(self, tags: dict[str, str] | None = None) -> tuple[str, str]:
+        """``rollback``, with ``tags`` on the version rolled back from; the caller holds ``decision_lock()``."""
         history = self.history()
         current = self.current(CHAMPION)
         if current is not None and (not history or history[-1] != current):
@@ -274,6 +308,8 @@ class Registry:
         self.client.set_model_version_tag(self.name, current, "rollback.at", _now())
         self.client.set_model_version_tag(self.name, current, "rollback.to", target)
         self.client.set_model_version_tag(self.name, target, "rollback.restored_at", _now())
+        for key, value in (tags or {}).items():
+            self.client.set_model_version_tag(self.name, current, key, value)
         self._save_history(history)
         return current, target
 

@@ -9,6 +9,7 @@ fires alerts, and the automation policy retrains, promotes or rejects; the API f
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
@@ -35,6 +36,8 @@ from tripcast.registry import CHAMPION, Registry
 from tripcast.serving.schemas import MAX_DISTANCE, MAX_LABEL_MINUTES
 from tripcast.store import shared
 
+log = logging.getLogger(__name__)
+
 REQUEST_COLUMNS = ["PULocationID", "DOLocationID", "trip_distance", "ride_id", "pickup_datetime"]
 
 
@@ -50,6 +53,7 @@ class LoopOptions:
     drift_from: str | None = None
     drift_strength: float | None = None
     api_url: str | None = None  # None: start `tripcast serve` for the rehearsal
+    workers: int = 1  # of the API it starts
     batch_size: int = 1_000
     seed: int = 0
 
@@ -138,13 +142,24 @@ def _bootstrap(options: LoopOptions, settings: Settings) -> str | None:
             f"(RMSE {result['metrics']['val_rmse']:.3f}), {result['reason']}")
 
 
-class _Api:
+class ApiClient:
+    """The API as the rehearsal (and the tests) drive it: predictions in batches, labels, reloads."""
+
     def __init__(self, url: str, token: str) -> None:
         self.client = httpx.Client(base_url=url, timeout=60)
         self.admin = {"Authorization": f"Bearer {token}"}
 
-    def log_state(self) -> dict:
-        return self.client.get("/model").json()["prediction_log"]
+    def log_state(self) -> dict[str, float]:
+        """The prediction log's figures summed over the API's workers (``/model`` has only the answering one's)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        wanted = {"tripcast_log_written": "written", "tripcast_log_queue_depth": "queued",
+                  "tripcast_log_dropped": "dropped"}
+        state = dict.fromkeys(wanted.values(), 0.0)
+        for family in text_string_to_metric_families(self.client.get("/metrics").text):
+            if family.name in wanted:
+                state[wanted[family.name]] += sum(sample.value for sample in family.samples)
+        return state
 
     def predict(self, rides: pd.DataFrame, batch_size: int) -> tuple[int, Counter]:
         body = rides[REQUEST_COLUMNS].assign(pickup_datetime=rides["pickup_datetime"].dt.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -179,6 +194,8 @@ class _Api:
             if state["queued"] == 0 and state["written"] + state["dropped"] >= expected:
                 return
             time.sleep(0.1)
+        log.warning("the prediction log is behind: %d of %d predictions written after %.0f s; monitoring goes on",
+                    state["written"], expected, timeout)
 
     def reload(self) -> None:
         self.client.post("/admin/reload", headers=self.admin)
@@ -210,8 +227,8 @@ def run_loop(options: LoopOptions, settings: Settings, progress=None) -> LoopRes
     server = None
     if options.api_url is None:
         server = ApiProcess({"TRIPCAST_ADMIN_TOKEN": token, "TRIPCAST_POLL_SECONDS": "1",
-                             "TRIPCAST_LOG_FLUSH_SECONDS": "0.2"})
-    api = _Api(options.api_url or server.url, token)
+                             "TRIPCAST_LOG_FLUSH_SECONDS": "0.2"}, workers=options.workers)
+    api = ApiClient(options.api_url or server.url, token)
     try:
         written_before = api.log_state()["written"]
         pickups = rides["pickup_datetime"].to_numpy()
@@ -233,8 +250,7 @@ def run_loop(options: LoopOptions, settings: Settings, progress=None) -> LoopRes
                 result.labels_sent += api.feedback(window_rides(labelled))
             since = (labelled or window).start
             outcome = monitor_flow(window=settings.window, since=since.isoformat(), until=window.end.isoformat())
-            if outcome["decision"] and outcome["decision"]["action"] == "promoted":
-                api.reload()
+            api.reload()  # a promotion, an experiment started or ended: served from the next window on
             if progress:
                 progress(window, len(batch), outcome)
             if options.speedup:
@@ -249,7 +265,8 @@ def run_loop(options: LoopOptions, settings: Settings, progress=None) -> LoopRes
     finally:
         if server is not None:
             server.stop()
-    result.timeline = dashboard.data(shared(settings.resolved_monitoring_uri), settings.window)
+    result.timeline = dashboard.data(shared(settings.resolved_monitoring_uri), settings.window,
+                                     settings.promotion_margin)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -263,8 +280,10 @@ def timeline_rows(result: LoopResult) -> list[dict]:
     decided: dict[str, list[str]] = {}
     for d in result.timeline["decisions"]:
         start = d["event_time"][:10]
-        label = d["action"] + (f" v{d['challenger_version']}" if d.get("challenger_version") else "")
-        decided.setdefault(start, []).append(label)
+        # A guard's outcome concerns the new champion; an experiment's, the challenger.
+        version = d.get("champion_version") if d["action"] in ("guard", "passed", "rolled_back") \
+            else d.get("challenger_version")
+        decided.setdefault(start, []).append(d["action"] + (f" v{version}" if version else ""))
     rows = []
     for window, versions in result.served.items():
         start = window.split()[-1]
@@ -275,8 +294,18 @@ def timeline_rows(result: LoopResult) -> list[dict]:
                      "drift_share": figures.get("drift_share"), "prediction_drift": figures.get("prediction_drift"),
                      "od_drift": figures.get("od_drift"), "rmse": figures.get("rmse"),
                      "rmse_ratio": figures.get("rmse_ratio"), "alerts": alerts.get(start, 0),
+                     "experiment": _running_in(result.timeline.get("experiments", []), start, end),
                      "decisions": "; ".join(decided.get(end, []))})
     return rows
+
+
+def _running_in(experiments: list[dict], start: str, end: str) -> str:
+    """The experiments and guards that ran during a window (event time), in a few words."""
+    found = [(f"guard v{e['challenger_version']}" if e["kind"] == "guard"
+              else f"{e['mode']} v{e['challenger_version']}")
+             for e in sorted(experiments, key=lambda e: e["id"])
+             if e["started_event"][:10] < end and (e["ended_event"] or "9999")[:10] > start]
+    return ", ".join(found)
 
 
 def save_timeline(result: LoopResult, path: Path) -> Path:

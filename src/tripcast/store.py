@@ -146,6 +146,44 @@ decisions = Table(
 )
 
 
+# Online experiments (champion vs challenger on live traffic) and guards (a new champion against the one it
+# replaced, in shadow): one row each, and one row per look at their evidence.
+experiments = Table(
+    "experiments",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),  # experiment, guard
+    Column("mode", String(8), nullable=False),  # shadow, ab
+    Column("weight", Float),  # ab: the challenger's share of rides
+    Column("champion_version", String(32), nullable=False),  # the version answering (ab: the champion arm)
+    Column("challenger_version", String(32), nullable=False),  # experiment: the candidate; guard: the old champion
+    Column("status", String(16), nullable=False, index=True),  # running; promoted/rejected/stopped; passed/rolled_back
+    Column("trigger", Text, nullable=False),
+    Column("started_at", DateTime, nullable=False),  # wall clock: evidence is what was logged from then on
+    Column("started_event", DateTime, nullable=False),  # event time: futility and the guard's period count from it
+    Column("ended_at", DateTime),
+    Column("ended_event", DateTime),
+    Column("reason", Text),
+)
+
+experiment_looks = Table(
+    "experiment_looks",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("experiment_id", Integer, nullable=False, index=True),
+    Column("looked_at", DateTime, nullable=False),
+    Column("event_time", DateTime, nullable=False),
+    Column("rides", Integer, nullable=False),  # labelled rides of 1-60 minutes, the evidence
+    Column("rides_challenger", Integer, nullable=False),
+    Column("champion_rmse", Float),
+    Column("challenger_rmse", Float),
+    Column("estimate", Float),  # the challenger's RMSE below the champion's, relative (0.03: 3 % lower)
+    Column("lower", Float),  # its confidence sequence's interval at this look
+    Column("upper", Float),
+    Column("decision", String(16), nullable=False),  # continue, promoted, rejected, rolled_back, passed
+)
+
+
 def connect(url: str, create: bool = True) -> Engine:
     """An engine for the store; tables are created on first use."""
     sqlite = url.startswith("sqlite")

@@ -29,7 +29,7 @@ from tripcast.serving.holder import AliasWatcher, ModelHolder
 from tripcast.serving.predlog import PredictionLog
 from tripcast.serving.schemas import RIDE
 from tripcast.serving.scoring import Scorer
-from tripcast.serving.traffic import TrafficPolicy
+from tripcast.serving.traffic import CHAMPION_ONLY
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF = 10.0  # seconds between tries to reach Redis, at most
@@ -70,7 +70,7 @@ class StreamConsumer:
         # until Redis runs out of memory; readers of the predictions have the last ``max_len`` of them.
         self.max_len = max_len
         self.predlog = predlog
-        self.scorer = Scorer(holder, None, TrafficPolicy("champion", 0.0), "stream")
+        self.scorer = Scorer(holder, None, lambda: CHAMPION_ONLY, "stream")  # experiments run on the API's traffic
         self.published = self.dead = self.reconnects = self.regrouped = self.forgotten = 0
         self._forget = client.register_script(FORGET_IF_NOTHING_PENDING)
         self._next_forget = 0.0  # monotonic time of the next look for idle consumers

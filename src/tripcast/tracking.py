@@ -96,13 +96,13 @@ def _redacted(uri: str) -> str:
 def configure(settings: Settings) -> MlflowClient:
     """``mlflow_client``, and the experiment that runs are logged to, made if it does not exist yet."""
     client = mlflow_client(settings)
-    if client.get_experiment_by_name(settings.experiment) is None:
+    if client.get_experiment_by_name(settings.mlflow_experiment) is None:
         try:
-            client.create_experiment(settings.experiment, artifact_location=settings.artifact_location)
+            client.create_experiment(settings.mlflow_experiment, artifact_location=settings.artifact_location)
         except MlflowException as exc:  # another run made it meanwhile
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-    mlflow.set_experiment(settings.experiment)
+    mlflow.set_experiment(settings.mlflow_experiment)
     return client
 
 

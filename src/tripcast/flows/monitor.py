@@ -17,10 +17,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from sqlalchemy import make_url
 
-from tripcast import training
+from tripcast import promotion, training
 from tripcast.config import Settings, load_settings
 from tripcast.flows.train import features, register, train
-from tripcast.monitoring import alerts, policy
+from tripcast.monitoring import alerts, experiments, policy
 from tripcast.monitoring.windows import (
     Window,
     compute_window,
@@ -63,17 +63,27 @@ def monitor_flow(window: str | None = None, since: str | None = None, until: str
     windows = windows_between(kind, since_t, until_t)
     measured = {str(w): measure_window(w, settings) for w in windows}
     fired = alerts.evaluate_rules(engine, windows, settings)
+    looked = experiment_step(settings, until_t)  # first: it may end an experiment, or start a guard
     decision = None
     if fired and (settings.automate if automate is None else automate):
-        decision = automate_flow_step(fired, settings)
+        decision = automate_flow_step(fired, settings, until_t)
     return {"windows": [{"window": name, "versions": sorted({r["model_version"] for r in rows}),
                          "rows": int(sum(r["value"] for r in rows if r["metric"] == "rows"))}
                         for name, rows in measured.items()],
-            "alerts": [a["message"] for a in fired], "decision": decision}
+            "alerts": [a["message"] for a in fired], "decision": decision, "experiment": looked}
 
 
-def automate_flow_step(fired: list[dict], settings: Settings) -> dict[str, Any]:
-    """The policy's answer to a batch of alerts: a skipped decision, or a retrain."""
+@task(cache_policy=NONE)
+def experiment_step(settings: Settings, event_time: datetime) -> dict[str, Any] | None:
+    """A look at the running experiment or guard, and its decision applied (serving follows the registry)."""
+    registry = Registry(settings)
+    with registry.decision_lock():
+        return experiments.review(shared(settings.resolved_monitoring_uri), registry, settings, event_time)
+
+
+def automate_flow_step(fired: list[dict], settings: Settings, now: datetime | None = None) -> dict[str, Any]:
+    """The policy's answer to a batch of alerts: a skipped decision, or a retrain (``now``: the event time the
+    monitoring reached, where an experiment of its challenger would start)."""
     engine = shared(settings.resolved_monitoring_uri)
     champion = Registry(settings).current(CHAMPION)
     # Alerts about a version that no longer serves say nothing about the champion.
@@ -83,12 +93,16 @@ def automate_flow_step(fired: list[dict], settings: Settings) -> dict[str, Any]:
         plan = dataclasses.replace(plan, go=False, reason=f"the alerts concern version(s) "
                                    f"{', '.join(sorted({a['model_version'] for a in fired}))}, not the champion "
                                    f"(version {champion})")
+    ongoing = experiments.running(engine)
+    if ongoing is not None and plan.go:  # its evidence must not be cut short by another challenger
+        plan = dataclasses.replace(plan, go=False, reason=f"{experiments.describe(ongoing)} is running")
     if not plan.go:
         log.info("no retrain: %s", plan.reason)
         return policy.record(engine, plan, "skipped", plan.reason, champion_version=champion)
     try:
         return retrain_flow(plan.trigger, plan.event_time.isoformat(), plan.train_start.isoformat(),
-                            plan.train_end.isoformat(), plan.eval_start.isoformat(), plan.eval_end.isoformat())
+                            plan.train_end.isoformat(), plan.eval_start.isoformat(), plan.eval_end.isoformat(),
+                            now=(now or plan.event_time).isoformat())
     except Exception as exc:  # a failed retrain is a decision too: recorded, and the champion stays
         return policy.record(engine, plan, "failed", f"retrain failed: {type(exc).__name__}: {exc}",
                                      champion_version=champion)
@@ -104,9 +118,10 @@ def labelled(start: datetime, end: datetime, settings: Settings) -> training.Mon
 
 @flow(name="retrain")
 def retrain_flow(trigger: str, event_time: str, train_start: str, train_end: str, eval_start: str,
-                 eval_end: str, model: str | None = None) -> dict[str, Any]:
+                 eval_end: str, model: str | None = None, now: str | None = None) -> dict[str, Any]:
     """Train on labelled rides in [train_start, train_end), validate on [eval_start, eval_end), register the
-    challenger, promote or reject it, and record why."""
+    challenger, promote it, start an online experiment of it (TRIPCAST_EXPERIMENT) or reject it, and record
+    why."""
     settings = load_settings()
     model = model or settings.retrain_model
     engine = shared(settings.resolved_monitoring_uri)
@@ -119,11 +134,22 @@ def retrain_flow(trigger: str, event_time: str, train_start: str, train_end: str
     result = train(train_data, eval_data, fs, model, settings, 0, None)
     tags = {"automation.trigger": trigger[:4000], "automation.train_period": str(train_data.month),
             "automation.eval_period": str(eval_data.month)}
-    outcome = register(result, eval_data, settings, True, min_rows=settings.promotion_min_rows, tags=tags)
-    get_run_logger().info("challenger %s %s: %s", outcome["version"],
-                          "promoted" if outcome["promoted"] else "rejected", outcome["reason"])
+
+    def online(registry: Registry, version: str, judged: promotion.Judgement) -> dict[str, Any]:
+        """Past the offline gate: an online experiment decides (TRIPCAST_EXPERIMENT), not this one window."""
+        registry.client.set_model_version_tag(registry.name, version, "promotion.decision", "experiment")
+        registry.client.set_model_version_tag(registry.name, version, "promotion.reason", judged.decision.reason)
+        return experiments.start(engine, registry, settings, version, settings.experiment,
+                                 settings.experiment_weight, f"passed the offline gate ({judged.decision.reason})",
+                                 datetime.fromisoformat(now) if now else times[0], record=False)
+
+    outcome = register(result, eval_data, settings, True, min_rows=settings.promotion_min_rows, tags=tags,
+                       passed=None if settings.experiment == "off" else online)
+    action = ("experiment" if outcome["then"] else "promoted") if outcome["passed_gate"] else "rejected"
+    get_run_logger().info("challenger %s %s: %s", outcome["version"], action, outcome["reason"])
     return policy.record(
-        engine, plan, "promoted" if outcome["promoted"] else "rejected", outcome["reason"],
+        engine, plan, action, outcome["reason"] if action != "experiment" else
+        f"passed the offline gate ({outcome['reason']}); {experiments.describe(outcome['then'])} started",
         champion_version=outcome["champion_before"], challenger_version=outcome["version"],
         champion_rmse=outcome["champion_rmse"], challenger_rmse=outcome["challenger_rmse"],
         baseline_rmse=outcome["baseline_rmse"], data={"run_id": result.run_id, "model": model,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -43,25 +44,35 @@ def train(train_data: training.MonthData, val_data: training.MonthData, fs: trai
     return training.train(train_data, val_data, model, settings, trials=trials, timeout=timeout, features=fs)
 
 
+# What to do, under the registry's lock, with a version that passed the offline gate instead of promoting it
+# (the retrain flow starts an online experiment); returns what it did, for the flow's result.
+Passed = Callable[[Registry, str, promotion.Judgement], dict[str, Any]]
+
+
 @task(cache_policy=NONE)
 def register(result: training.TrainingResult, validation: training.MonthData, settings: Settings, promote: bool,
-             min_rows: int = 0, tags: dict[str, str] | None = None,
-             fresh: promotion.FreshWindow | None = None) -> dict[str, Any]:
+             min_rows: int = 0, tags: dict[str, str] | None = None, fresh: promotion.FreshWindow | None = None,
+             passed: Passed | None = None) -> dict[str, Any]:
     """Register the version; then, holding the registry's lock, judge it against the champion (out of sample,
-    both verified) and apply the decision, so that concurrent runs decide one at a time."""
+    both verified) and apply the decision (or hand a version that passed to ``passed``), so that concurrent runs
+    decide one at a time."""
     registry = Registry(settings)
     mv = registry.register(result.model_uri, result.run_id, tags={"model": result.model} | (tags or {}))
+    then = None
     with registry.decision_lock():
         judged = promotion.judge(registry, mv, result, validation, settings, min_rows, fresh)
-        if promote:
+        if promote and judged.decision.promote and passed is not None:
+            then = passed(registry, str(mv.version), judged)
+        elif promote:
             mv = registry.apply(mv.version, judged.decision)
-    decision, promoted = judged.decision, promote and judged.decision.promote
+    decision, promoted = judged.decision, promote and judged.decision.promote and then is None
     get_run_logger().info("version %s: %s (%s)", mv.version, "promoted" if promoted else "not promoted",
                           decision.reason)
     return {"version": str(mv.version), "alias": CHAMPION if promoted else CHALLENGER, "promoted": promoted,
             "reason": decision.reason, "challenger_rmse": decision.challenger_rmse,
             "baseline_rmse": decision.baseline_rmse, "champion_before": judged.champion_version,
-            "champion_rmse": judged.champion_rmse, "compared_on": judged.compared_on, "compared_rows": judged.rows}
+            "champion_rmse": judged.champion_rmse, "compared_on": judged.compared_on, "compared_rows": judged.rows,
+            "passed_gate": promote and judged.decision.promote, "then": then}
 
 
 def fresh_month(color: str, validation: tlc.Month, settings: Settings) -> promotion.FreshWindow:

@@ -17,14 +17,16 @@ from plotly.subplots import make_subplots
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
+from tripcast.monitoring import experiments
 from tripcast.store import alerts, decisions, jsonable, window_metrics
 
 PLOTLY_JS = Path(go.__file__).resolve().parents[1] / "package_data" / "plotly.min.js"
 LATEST_METRICS = ("drift_share", "prediction_drift", "od_drift", "rmse", "rmse_ratio", "rows", "labelled_rows")
 
 
-def data(engine: Engine, kind: str) -> dict:
-    """Windows (one row per window and version, a column per metric), alerts, decisions, report files."""
+def data(engine: Engine, kind: str, margin: float | None = None) -> dict:
+    """Windows (one row per window and version, a column per metric), alerts, decisions, report files; the
+    experiments with each of their looks (and the promotion margin they are held to)."""
     with engine.connect() as conn:
         metrics = pd.DataFrame(conn.execute(select(window_metrics).where(window_metrics.c.kind == kind)
                                             .order_by(window_metrics.c.window_start)).mappings().all())
@@ -43,14 +45,18 @@ def data(engine: Engine, kind: str) -> dict:
         thresholds = (metrics.dropna(subset=["threshold"]).groupby("metric")["threshold"].last().to_dict())
     return {"kind": kind, "windows": windows, "thresholds": thresholds,
             "alerts": [jsonable(a) for a in fired],
-            "decisions": [jsonable(d, leave_out=("data",)) for d in decided]}
+            "decisions": [jsonable(d, leave_out=("data",)) for d in decided],
+            "experiments": experiments.status(engine), "looks": experiments.looks(engine), "margin": margin}
 
 
 def figure(content: dict) -> go.Figure:
     frame = pd.DataFrame(content["windows"])
-    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+    fig = make_subplots(rows=4, cols=1, shared_xaxes=True, vertical_spacing=0.06,
                         subplot_titles=("drift (Evidently; zone pairs: Jensen-Shannon)",
-                                        "realised RMSE (minutes) once labels arrive", "predictions per version"))
+                                        "realised RMSE (minutes) once labels arrive", "predictions per version",
+                                        "experiments (the challenger's RMSE below the champion's) and guards "
+                                        "(the new champion's below the old one's), with their confidence sequences"))
+    _experiments(fig, content)
     if frame.empty:
         return fig
     frame["window_start"] = pd.to_datetime(frame["window_start"])
@@ -80,8 +86,38 @@ def figure(content: dict) -> go.Figure:
         if decision["action"] in ("promoted", "rejected"):
             fig.add_vline(x=pd.Timestamp(decision["event_time"]).timestamp() * 1000,
                           line={"color": "green" if decision["action"] == "promoted" else "red", "width": 2})
-    fig.update_layout(height=900, barmode="stack", legend={"orientation": "h"}, margin={"t": 40, "l": 50, "r": 20})
+    fig.update_layout(height=1150, barmode="stack", legend={"orientation": "h"}, margin={"t": 40, "l": 50, "r": 20})
     return fig
+
+
+def _experiments(fig: go.Figure, content: dict) -> None:
+    """Each experiment's looks: the estimate with its interval, the margin it must beat, the outcome."""
+    described = {e["id"]: e for e in content.get("experiments", [])}
+    looks = pd.DataFrame(content.get("looks", []))
+    if looks.empty:
+        return
+    looks["event_time"] = pd.to_datetime(looks["event_time"])
+    for experiment_id, part in looks.groupby("experiment_id", sort=True):
+        about = described.get(experiment_id, {})
+        if about.get("kind") == "guard":
+            name = (f"guard {experiment_id} (v{about.get('champion_version')} vs v{about.get('challenger_version')}, "
+                    "the champion it replaced)")
+        else:
+            name = (f"experiment {experiment_id} (v{about.get('challenger_version')} vs "
+                    f"v{about.get('champion_version')}, {about.get('mode')})")
+        part = part.dropna(subset=["lower", "upper"])  # a look with no labelled rides yet has no estimate
+        fig.add_trace(go.Scatter(x=part["event_time"], y=part["estimate"], mode="lines+markers", name=name,
+                                 error_y={"type": "data", "symmetric": False, "array": part["upper"] - part["estimate"],
+                                          "arrayminus": part["estimate"] - part["lower"]}), row=4, col=1)
+        ended = part[part["decision"] != "continue"]
+        if not ended.empty:
+            fig.add_trace(go.Scatter(x=ended["event_time"], y=ended["estimate"], mode="markers+text",
+                                     text=ended["decision"], textposition="top center", name=f"{name} outcome",
+                                     marker={"size": 12, "symbol": "star"}), row=4, col=1)
+    if content.get("margin") is not None:
+        fig.add_hline(y=content["margin"], line={"color": "green", "dash": "dot", "width": 1}, row=4, col=1)
+    fig.add_hline(y=0, line={"color": "grey", "width": 1}, row=4, col=1)
+    fig.update_yaxes(tickformat="+.0%", row=4, col=1)
 
 
 def page(content: dict, report_base: str = "/dashboard/reports/", plotly_src: str = "/dashboard/plotly.js") -> str:
@@ -94,6 +130,13 @@ def page(content: dict, report_base: str = "/dashboard/reports/", plotly_src: st
     alert_rows = "".join(f"<li>{html.escape(a['message'])}{_delivery(a)}</li>" for a in reversed(content["alerts"]))
     decision_rows = "".join(f"<li><b>{html.escape(d['action'])}</b> {html.escape(str(d['event_time'])[:16])}: "
                             f"{html.escape(d['reason'])}</li>" for d in reversed(content["decisions"]))
+    experiment_rows = "".join(
+        f"<tr><td>{e['id']}</td><td>{html.escape(e['kind'])}</td><td>{html.escape(e['mode'])}</td>"
+        f"<td>v{html.escape(e['champion_version'])}</td><td>v{html.escape(e['challenger_version'])}</td>"
+        f"<td>{html.escape(e['status'])}</td><td>{_fmt(e['labelled_rides'], 0)}</td><td>{_pct(e['estimate'])}</td>"
+        f"<td>{_pct(e['interval'][0])} … {_pct(e['interval'][1])}</td>"
+        f"<td style='text-align:left'>{html.escape(e['reason'] or '')}</td></tr>"
+        for e in content.get("experiments", []))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tripcast monitoring</title>
 <script src="{plotly_src}"></script>
@@ -105,6 +148,9 @@ td,th{{padding:.2em .7em;border-bottom:1px solid #ddd;text-align:right}} h2{{mar
 <script>const fig = {fig.to_json()};
 Plotly.newPlot("charts", fig.data, fig.layout, {{responsive: true}});</script>
 <h2>Automation decisions</h2><ul id="decisions">{decision_rows or '<li>none yet</li>'}</ul>
+<h2>Experiments</h2><table id="experiments"><tr><th>id</th><th>kind</th><th>mode</th><th>champion</th>
+<th>challenger</th><th>status</th><th>labelled rides</th><th>estimate</th><th>interval</th><th>why</th></tr>
+{experiment_rows}</table>
 <h2>Alerts</h2><ul id="alerts">{alert_rows or '<li>none yet</li>'}</ul>
 <h2>Windows</h2><table id="windows"><tr><th>window</th><th>version</th><th>rides</th><th>drift share</th>
 <th>zone-pair drift</th><th>RMSE</th><th>report</th></tr>{rows}</table></body></html>"""
@@ -116,6 +162,10 @@ def _delivery(alert: dict) -> str:
 
 def _fmt(value, digits: int = 3) -> str:
     return "" if value is None else f"{value:,.{digits}f}"
+
+
+def _pct(value) -> str:
+    return "" if value is None else f"{value:+.1%}"
 
 
 def _link(base: str, name: str | None) -> str:

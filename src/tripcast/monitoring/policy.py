@@ -19,7 +19,7 @@ from tripcast.config import Settings
 from tripcast.monitoring.windows import Window, window_of
 from tripcast.store import decisions, jsonable, labels, predictions, window_metrics
 
-RETRAINED = ("promoted", "rejected")
+RETRAINED = ("promoted", "rejected", "experiment")  # outcomes of a retrain (experiments' own have no rows)
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def plan_retrain(engine: Engine, fired: list[dict], settings: Settings) -> Retra
     plan = dict(trigger=trigger, event_time=event_time)
     with engine.connect() as conn:
         retrains = conn.execute(select(decisions.c.event_time).where(and_(
-            decisions.c.action.in_(RETRAINED),
+            decisions.c.action.in_(RETRAINED), decisions.c.train_rows.isnot(None),
             decisions.c.event_time > event_time - timedelta(days=settings.retrain_period_days),
             decisions.c.event_time <= event_time)).order_by(decisions.c.event_time)).scalars().all()
         cooldown = timedelta(days=settings.retrain_cooldown_days)

@@ -12,6 +12,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from tripcast.config import ConfigError, Settings
 from tripcast.features import TARGET, zone_pair
 from tripcast.files import atomic_path
 from tripcast.metrics import regression_metrics
+from tripcast.monitoring import stats
 from tripcast.registry import Registry
 from tripcast.store import labels, predictions, upsert, window_metrics
 
@@ -74,6 +76,53 @@ class Reference:
     frame: pd.DataFrame
     val_rmse: float
     val_mae: float
+
+    @cached_property
+    def fingerprint(self) -> tuple:
+        """Tells references apart (versions of different registries can share a number)."""
+        return self.version, len(self.frame), float(self.frame["prediction"].sum())
+
+    @cached_property
+    def pairs(self) -> np.ndarray:
+        return zone_pair(self.frame["PULocationID"].to_numpy(np.int64), self.frame["DOLocationID"].to_numpy(np.int64))
+
+
+# The values a distance's null distribution is drawn over: zones as categories, numbers on a grid.
+NULL_SUPPORT = {"drift_PULocationID": ("PULocationID", None), "drift_DOLocationID": ("DOLocationID", None),
+                "drift_trip_distance": ("trip_distance", 0.01), "drift_pickup_hour": ("pickup_hour", None),
+                "prediction_drift": ("prediction", 0.01)}
+_limits: dict[tuple, dict[str, float]] = {}  # by reference, window size and false alarm rate
+
+
+def drift_thresholds(reference: Reference, n: int, settings: Settings) -> dict[str, float]:
+    """Per drift metric, what a window of ``n`` rides must exceed to count as drifted: the fixed threshold, or
+    the (1 - TRIPCAST_DRIFT_FALSE_ALARM) quantile of the distance between two samples of the reference, of this
+    window's size and of the reference's, whichever is higher. Sizes are rounded down to two significant
+    figures (a slightly higher threshold), so a monitoring run computes a handful."""
+    n, m = int(float(f"{n:.2g}")), len(reference.frame)
+    key = (reference.fingerprint, n, settings.drift_false_alarm)
+    if key not in _limits:
+        limits = {}
+        for metric, (column, resolution) in NULL_SUPPORT.items():
+            values, counts = stats.support(reference.frame[column].to_numpy(np.float64), resolution)
+            if column in CATEGORICAL:
+                statistic = stats.js_distance
+            else:
+                statistic = lambda p, q, v=values: stats.normed_wasserstein(p, q, v)  # noqa: E731
+            noise = stats.null_quantile(counts.astype(np.float64), n, m, statistic, settings.drift_false_alarm)
+            limits[metric] = max(settings.drift_threshold, noise)
+        top, rest = _od_support(reference.pairs)
+        noise = stats.null_quantile(np.append(top, rest), n, m, lambda p, q: stats.js_distance(p, q, base=2),
+                                    settings.drift_false_alarm)
+        limits["od_drift"] = max(settings.od_drift_threshold, noise)
+        _limits[key] = limits
+    return _limits[key]
+
+
+def _od_support(reference_pairs: np.ndarray, top: int = OD_TOP_PAIRS) -> tuple[np.ndarray, float]:
+    """Counts of the reference's ``top`` pairs, and of all the others together (the buckets od_drift uses)."""
+    counts = pd.Series(reference_pairs).value_counts()
+    return counts.iloc[:top].to_numpy(np.float64), float(len(reference_pairs) - counts.iloc[:top].sum())
 
 
 def load_reference(registry: Registry, version: str, settings: Settings) -> Reference:
@@ -138,7 +187,8 @@ def _features(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def drift_report(current: pd.DataFrame, reference: pd.DataFrame, settings: Settings, html: Path | None):
-    """Evidently: drift per feature, the share of drifted features, prediction drift; optional HTML report."""
+    """Evidently: drift per feature and of the prediction, as distances; optional HTML report (whose verdicts use
+    the fixed threshold alone; the stored ones, ``drift_thresholds`` too)."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
     from evidently.presets import DataDriftPreset
@@ -154,9 +204,7 @@ def drift_report(current: pd.DataFrame, reference: pd.DataFrame, settings: Setti
     values: dict[str, float] = {}
     for metric in snapshot.dict()["metrics"]:
         config = metric["config"]
-        if config["type"].endswith("DriftedColumnsCount"):
-            values["drift_share"] = float(metric["value"]["share"])
-        elif config["type"].endswith("ValueDrift"):
+        if config["type"].endswith("ValueDrift"):
             column = config["column"]
             values["prediction_drift" if column == "prediction" else f"drift_{column}"] = float(metric["value"])
     if html is not None:
@@ -183,12 +231,15 @@ def measure(frame: pd.DataFrame, reference: Reference, settings: Settings,
     if rows >= settings.min_window_rows:
         current = frame.assign(pickup_hour=frame["pickup_datetime"].dt.hour)
         values = drift_report(current, ref, settings, html)
-        out.append(("drift_share", values.pop("drift_share"), settings.drift_share, None))
-        out.append(("prediction_drift", values.pop("prediction_drift"), settings.drift_threshold, None))
-        out += [(name, value, settings.drift_threshold, None) for name, value in values.items()]
         pairs = zone_pair(frame["PULocationID"].to_numpy(np.int64), frame["DOLocationID"].to_numpy(np.int64))
-        ref_pairs = zone_pair(ref["PULocationID"].to_numpy(np.int64), ref["DOLocationID"].to_numpy(np.int64))
-        out.append(("od_drift", od_drift(ref_pairs, pairs), settings.od_drift_threshold, None))
+        values["od_drift"] = od_drift(reference.pairs, pairs)
+        # Each distance is the effect reported; it is drifted only past the fixed threshold *and* what sampling
+        # noise reaches at this window's size and the reference's (stats.null_quantile).
+        limits = drift_thresholds(reference, rows, settings)
+        features = [f"drift_{c}" for c in FEATURES]
+        share = float(np.mean([values[f] >= limits[f] for f in features]))
+        out.append(("drift_share", share, settings.drift_share, None))
+        out += [(name, value, limits[name], None) for name, value in values.items()]
     # Accuracy on the rides the model is meant for, filtered like its validation rows (1-60 minutes).
     actual = frame["actual"]
     labelled = frame[actual.notna() & (actual >= settings.min_duration) & (actual <= settings.max_duration)]

@@ -34,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import ClientDisconnect
 
 from tripcast.config import Settings, load_settings
-from tripcast.monitoring import dashboard
+from tripcast.monitoring import dashboard, experiments
 from tripcast.registry import CHALLENGER, Registry
 from tripcast.serving import webhooks
 from tripcast.serving.holder import AliasWatcher, ModelHolder
@@ -42,7 +42,7 @@ from tripcast.serving.http import TIMED_OUT
 from tripcast.serving.predlog import PredictionLog
 from tripcast.serving.schemas import RIDE, label_batch, log_features, ride_batch
 from tripcast.serving.scoring import NoModelError, Scorer
-from tripcast.serving.traffic import TrafficPolicy
+from tripcast.serving.traffic import TrafficFollower, TrafficPolicy
 from tripcast.store import record_labels, shared
 
 REPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}\.html")  # as monitoring names its reports
@@ -106,6 +106,10 @@ class Metrics:
                              ["alias"], registry=r, multiprocess_mode="livemax")
         self.served_version = Gauge("tripcast_served_version", "Version served per alias (the oldest any worker "
                                     "serves)", ["alias"], registry=r, multiprocess_mode="livemin")
+        self.experiment = Gauge("tripcast_experiment", "The running experiment (or guard): its latest look's labelled "
+                                "rides, estimate (the challenger's RMSE below the champion's) and interval",
+                                ["metric", "kind", "mode", "champion", "challenger"], registry=r,
+                                multiprocess_mode="livemostrecent")
         self.monitoring = Gauge("tripcast_monitoring", "Latest monitoring window's figures", ["metric", "version"],
                                 registry=r, multiprocess_mode="livemostrecent")
         # Labelled children, looked up once per label set: ``labels()`` costs more than ``inc()`` per request.
@@ -200,29 +204,31 @@ _KNOWN_PATHS = {"/predict", "/predict/batch", "/health", "/ready", "/model", "/m
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     registry = Registry(settings)
-    policy = TrafficPolicy(settings.traffic_mode, settings.challenger_weight)
     champion = ModelHolder(registry, settings.serve_alias, fall_back=True)
-    challenger = ModelHolder(registry, CHALLENGER) if policy.uses_challenger else None
-    holders = [h for h in (champion, challenger) if h is not None]
+    # The challenger is served (A/B) or scored (shadow) as the running experiment asks, read from the registry
+    # at every poll; without one, as TRIPCAST_TRAFFIC_MODE says.
+    traffic = TrafficFollower(registry, TrafficPolicy(settings.traffic_mode, settings.challenger_weight))
+    challenger = ModelHolder(registry, CHALLENGER, needed=lambda: traffic.policy.uses_challenger)
+    holders = [champion, challenger]
     metrics = Metrics()
 
     def shadow_scores(rows: list[tuple]) -> tuple[list[float], str] | None:
-        model = challenger.current if challenger else None
+        model = challenger.current if traffic.policy.shadow else None
         if model is None:
             return None
         features = log_features(rows, model.pipeline.preprocessor)
         return model.pipeline.predict_features(features).tolist(), model.version
 
-    predlog = PredictionLog.from_settings(settings, shadow=shadow_scores if policy.shadow else None)
+    predlog = PredictionLog.from_settings(settings, shadow=shadow_scores)
 
     async def durable(offset: int) -> None:
         """Rows are journaled (safe from this process dying) by ``put``; with TRIPCAST_LOG_FSYNC=always the
         answer also waits for the disk, in a thread, so that concurrent requests share one fsync."""
         if settings.log_fsync == "always":
             await run_in_threadpool(predlog.wait_durable, offset)
-    scorer = Scorer(champion, challenger, policy, "api",
+    scorer = Scorer(champion, challenger, lambda: traffic.policy, "api",
                     count=lambda version, arm, n: metrics.prediction_count(version, arm).inc(n))
-    watcher = AliasWatcher(holders, settings.poll_seconds,
+    watcher = AliasWatcher([traffic, *holders], settings.poll_seconds,  # the policy first: it says what to load
                            Path(os.environ[RELOAD_SIGNAL]) if os.environ.get(RELOAD_SIGNAL) else None)
     # The store's engine is made on first use (in a worker thread), not at start: the store may be down then.
     store_url = settings.resolved_monitoring_uri
@@ -256,8 +262,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         publisher = asyncio.create_task(publish_every_second()) if metrics.multiprocess else None
-        for holder in holders:
-            await run_in_threadpool(holder.refresh)
+        for follower in (traffic, *holders):
+            await run_in_threadpool(follower.refresh)
         # Everything loaded so far (MLflow, pandas, the models: ~300k objects) lives as long as the process.
         # Left in the collector's oldest generation, each full collection walks it all, a ~150 ms pause of
         # every request in flight; frozen, the collector only walks what requests allocate.
@@ -344,19 +350,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/model")
     async def model() -> dict:
         # With several workers, these are the answering worker's figures (/metrics sums them all).
-        return {"worker": os.getpid(), "traffic": {"mode": policy.mode, "challenger_weight": policy.challenger_weight},
-                "champion": champion.state(), "challenger": challenger.state() if challenger else None,
-                "prediction_log": predlog.health()}
+        policy = traffic.policy
+        return {"worker": os.getpid(), "traffic": {"mode": policy.mode, "challenger_weight": policy.challenger_weight,
+                                                   "experiment": policy.experiment},
+                "champion": champion.state(), "challenger": challenger.state(), "prediction_log": predlog.health()}
 
     @app.get("/metrics", response_class=PlainTextResponse)  # documented as text: Prometheus' exposition format
     async def prometheus() -> Response:
         publish()
         try:
             latest = await run_in_threadpool(lambda: dashboard.latest(shared(store_url), settings.window))
+            ongoing = await run_in_threadpool(lambda: experiments.current(shared(store_url)))
         except SQLAlchemyError:
-            latest = []
+            latest, ongoing = [], None
         if not metrics.multiprocess:  # prometheus_client cannot clear labels across processes
             metrics.monitoring.clear()
+            metrics.experiment.clear()
+        if ongoing is not None:
+            labels = (ongoing["kind"], ongoing["mode"], ongoing["champion_version"], ongoing["challenger_version"])
+            look = ongoing["look"] or {}
+            for name in ("rides", "estimate", "lower", "upper"):
+                if look.get(name) is not None:
+                    metrics.experiment.labels(name, *labels).set(look[name])
         for row in latest:
             if row["value"] is not None:
                 metrics.monitoring.labels(row["metric"], row["model_version"]).set(row["value"])
@@ -385,10 +400,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Check the registry now instead of waiting for the poll: with the admin token, or as an MLflow registry
         webhook signed with it (``tripcast models webhook``). With several workers, every worker checks (the
         one answering reports)."""
+        await run_in_threadpool(traffic.refresh)
         changed = {h.alias: await run_in_threadpool(h.refresh) for h in holders}
         watcher.announce()  # the other workers check too
         return {alias: {"changed": changed[alias], "version": h.current.version if h.current else None,
-                        "last_reload_error": h.last_error} for alias, h in zip(changed, holders, strict=True)}
+                        "last_reload_error": h.last_error} for alias, h in zip(changed, holders, strict=True)} | {
+                "traffic": {"mode": traffic.policy.mode, "experiment": traffic.policy.experiment}}
 
     @app.post("/feedback", dependencies=[Depends(admin)], openapi_extra=json_body("LabelBatch"),
               responses={401: {"description": "no token"}, 403: {"description": "wrong token"},
@@ -415,7 +432,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     async def monitoring_data() -> dict:
         try:
-            return await run_in_threadpool(lambda: dashboard.data(shared(store_url), settings.window))
+            return await run_in_threadpool(lambda: dashboard.data(shared(store_url), settings.window,
+                                                                  settings.promotion_margin))
         except SQLAlchemyError as exc:
             raise HTTPException(503, f"monitoring store unavailable ({type(exc).__name__})") from None
 

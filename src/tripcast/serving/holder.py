@@ -13,6 +13,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -57,10 +58,12 @@ class LoadedModel:
 
 
 class ModelHolder:
-    def __init__(self, registry: Registry, alias: str, fall_back: bool = False) -> None:
+    def __init__(self, registry: Registry, alias: str, fall_back: bool = False,
+                 needed: Callable[[], bool] | None = None) -> None:
         self.registry = registry
         self.alias = alias
         self.fall_back = fall_back  # serve an earlier champion while the alias's version is refused
+        self.needed = needed  # asked before each check: if it says no (no experiment), nothing is loaded
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
         self.last_check: str | None = None
@@ -81,7 +84,12 @@ class ModelHolder:
             self.last_check = datetime.now(UTC).isoformat(timespec="seconds")
             serving = self.current.version if self.current else "nothing"
             try:
-                version = self.wanted = self.registry.current(self.alias)
+                version = self.wanted = self.registry.current(self.alias) if self.needed is None or self.needed() \
+                    else None
+                if version is None and self.needed is not None and self.current is not None:
+                    log.info("alias %s: version %s no longer served", self.alias, serving)
+                    self.current = None
+                    return True
                 if version is None or version == serving or version in self.refused:
                     self._ok(serving)
                     if version == serving:

@@ -26,8 +26,9 @@ class NoModelError(TripcastError):
 
 
 class Scorer:
-    def __init__(self, champion: ModelHolder, challenger: ModelHolder | None, policy: TrafficPolicy, source: str,
-                 count: Counter | None = None) -> None:
+    def __init__(self, champion: ModelHolder, challenger: ModelHolder | None, policy: Callable[[], TrafficPolicy],
+                 source: str, count: Counter | None = None) -> None:
+        # ``policy`` is asked once per request: the API's follows the running experiment.
         self.champion, self.challenger, self.policy = champion, challenger, policy
         self.source, self.count = source, count
 
@@ -44,7 +45,7 @@ class Scorer:
         """The answer for one ride, and its log row."""
         models = self._models()
         ride_id = ride.get("ride_id") or random_ids(1)[0]
-        arm = self.policy.arm(ride_id, CHALLENGER_ARM in models)
+        arm = self.policy().arm(ride_id, CHALLENGER_ARM in models)
         model = models[arm]
         pickup = local_naive(ride.get("pickup_datetime"))
         pu, do, distance = ride["PULocationID"], ride["DOLocationID"], ride["trip_distance"]
@@ -59,7 +60,7 @@ class Scorer:
         """The answers for a batch (vectorised per arm), and their log rows."""
         models = self._models()
         columns = RideColumns(rides)
-        arms = self.policy.arms(columns.ride_ids, CHALLENGER_ARM in models)
+        arms = self.policy().arms(columns.ride_ids, CHALLENGER_ARM in models)
         durations = np.empty(len(rides))
         versions = np.empty(len(rides), dtype=object)
         for arm, model in models.items():

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+from dataclasses import dataclass
 
 import numpy as np
+
+from tripcast.errors import TripcastError
+from tripcast.registry import Registry
+
+log = logging.getLogger(__name__)
 
 CHAMPION_ARM, CHALLENGER_ARM = "champion", "challenger"
 
@@ -23,10 +30,11 @@ def buckets(ride_ids: list[str]) -> np.ndarray:
     return np.frombuffer(b"".join([_digest(i) for i in ride_ids]), dtype=">u8") / 2.0**64
 
 
+@dataclass(frozen=True)
 class TrafficPolicy:
-    def __init__(self, mode: str, challenger_weight: float) -> None:
-        self.mode = mode
-        self.challenger_weight = challenger_weight
+    mode: str  # champion | ab | shadow
+    challenger_weight: float
+    experiment: str | None = None  # the experiment (or guard) that asks for it, as "<kind> <id>"
 
     @property
     def uses_challenger(self) -> bool:
@@ -46,3 +54,34 @@ class TrafficPolicy:
     @property
     def shadow(self) -> bool:
         return self.mode == "shadow"
+
+
+CHAMPION_ONLY = TrafficPolicy("champion", 0.0)
+
+
+class TrafficFollower:
+    """The traffic policy the running experiment (or guard) recorded on the registry, followed like an alias: at
+    every poll of the alias watcher and at ``/admin/reload``. Without an experiment, ``default`` (the
+    TRIPCAST_TRAFFIC_MODE setting). Whoever answers reads ``policy`` once per request."""
+
+    def __init__(self, registry: Registry, default: TrafficPolicy) -> None:
+        self.registry = registry
+        self.default = default
+        self.policy = default
+        self.last_error: str | None = None
+
+    def refresh(self) -> bool:
+        """Read what the registry asks for; True if the policy changed."""
+        try:
+            wanted = self.registry.traffic()
+        except TripcastError as exc:  # the registry down: keep the policy; the holders say it already
+            self.last_error = str(exc)[:500]
+            return False
+        self.last_error = None
+        policy = self.default if wanted is None else TrafficPolicy(
+            wanted["mode"], float(wanted.get("weight") or 0), f"{wanted.get('kind', 'experiment')} {wanted.get('id')}")
+        if policy == self.policy:
+            return False
+        log.info("traffic: %s%s", policy.mode, f" ({policy.experiment})" if policy.experiment else "")
+        self.policy = policy  # one reference assignment: a request sees the old policy or the new one
+        return True
