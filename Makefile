@@ -28,6 +28,7 @@ bench: $(STAMP)  ## needs the TLC files (TRIPCAST_TLC_MIRROR) and wrk
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/monitor.py
 	$(BIN)/python bench/predlog.py
+	$(BIN)/python bench/experiments.py
 
 clean:
 	rm -rf $(VENV) .tripcast .pytest_cache

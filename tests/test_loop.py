@@ -1,6 +1,8 @@
-"""End to end, with every part real: the API in its own process, Prefect flows, the MLflow registry, and the
-monitoring store on PostgreSQL (production profile) or SQLite. Real months are replayed over HTTP with a drift
-injected; labels arrive a window later; monitoring alerts; the policy retrains; the API follows the alias."""
+"""End to end, with every part real: the API in its own process (two workers), Prefect flows, the MLflow
+registry, and the monitoring store on PostgreSQL (production profile) or SQLite. Real months are replayed over
+HTTP with a drift injected; labels arrive a window later; monitoring alerts; the policy retrains; the
+challenger that passes the offline gate is tried in shadow, promoted on the online evidence, guarded; the API
+follows the registry throughout."""
 
 from __future__ import annotations
 
@@ -19,16 +21,16 @@ import sqlalchemy as sa
 from tripcast.config import Settings
 from tripcast.registry import CHAMPION, Registry
 from tripcast.rehearsal import ApiProcess, LoopOptions, run_loop, timeline_rows
-from tripcast.store import connect, decisions, predictions
+from tripcast.store import connect, decisions, experiments, predictions
 
 pytestmark = pytest.mark.slow
 SAVE_SCREENSHOT = os.environ.get("TRIPCAST_SAVE_SCREENSHOT")  # read before the tests reset TRIPCAST_*
-OPTIONS = dict(color="green", first="2021-02", last="2021-03", sample=0.35, drift="slower-traffic",
-               drift_from="2021-03", seed=3)
+OPTIONS = dict(color="green", first="2021-01", last="2021-03", sample=0.35, drift="slower-traffic",
+               drift_from="2021-02", seed=3, workers=2)
 
 
 def _rehearse(home: Path, mirror: Path, extra: dict[str, str]) -> tuple[Settings, object, dict[str, str]]:
-    """Train the champion on 2021-01 (validated on 2021-02), then replay 2021-02..03, slower from March."""
+    """Train the champion on 2021-01 (validated on 2021-02), then replay 2021-01..03, slower from February."""
     from tripcast.flows.train import train_flow
 
     env = {"TRIPCAST_HOME": str(home), "TRIPCAST_TLC_MIRROR": str(mirror), "TRIPCAST_PROGRESS": "false",
@@ -43,48 +45,56 @@ def _rehearse(home: Path, mirror: Path, extra: dict[str, str]) -> tuple[Settings
     return settings, run_loop(LoopOptions(**OPTIONS), settings), env
 
 
-@pytest.fixture(scope="module")
-def promoted(tmp_path_factory: pytest.TempPathFactory, tlc_mirror: Path, prefect_server: str,
+@pytest.fixture(scope="module", params=["postgresql", "sqlite"])
+def promoted(request, tmp_path_factory: pytest.TempPathFactory, tlc_mirror: Path, prefect_server: str,
              postgres_database) -> Iterator[tuple[Settings, object, dict[str, str]]]:
     saved = dict(os.environ)
-    home = tmp_path_factory.mktemp("loop-promoted") / "home"
-    yield _rehearse(home, tlc_mirror, {"TRIPCAST_MONITORING_URI": postgres_database()})
+    home = tmp_path_factory.mktemp(f"loop-promoted-{request.param}") / "home"
+    store = {"TRIPCAST_MONITORING_URI": postgres_database()} if request.param == "postgresql" else {}
+    yield _rehearse(home, tlc_mirror, store)
     os.environ.clear()
     os.environ.update(saved)
 
 
-def test_drift_retrains_promotes_and_the_api_follows(promoted) -> None:
+def test_drift_retrains_tries_the_challenger_in_shadow_promotes_it_and_the_api_follows(promoted) -> None:
     settings, result, _ = promoted
     registry = Registry(settings)
-    assert result.failed == 0 and result.sent > 20_000
+    assert result.failed == 0 and result.sent > 60_000
     engine = connect(settings.resolved_monitoring_uri)
-    assert engine.dialect.name == "postgresql"
     with engine.connect() as conn:
         logged = conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar_one()
         stored = conn.execute(sa.select(decisions).order_by(decisions.c.id)).mappings().all()
-    assert logged == result.sent  # every prediction of the replay is in the PostgreSQL log
+        tried = conn.execute(sa.select(experiments)).mappings().all()
+    assert logged == result.sent  # every prediction of the replay is in the log
 
-    # The first accuracy alert (week of March 1) has no labelled rides since the change yet: deferred. The
-    # next one retrains on the first drifted week, evaluates on the second, and promotes version 2.
+    # The first accuracy alert has no labelled rides since the change yet: deferred. The next one retrains on
+    # the first drifted week and evaluates on the second; version 2 passes the offline gate, and a shadow
+    # experiment decides: it is promoted on the online evidence alone, and a guard follows.
     actions = [(d["action"], d["challenger_version"]) for d in stored]
-    assert actions[0] == ("skipped", None) and ("promoted", "2") in actions
+    assert ("skipped", None) in actions and ("experiment", "2") in actions and ("promoted", "2") in actions
+    assert actions.index(("experiment", "2")) < actions.index(("promoted", "2"))
+    started = next(d for d in stored if d["action"] == "experiment")
+    assert "accuracy" in started["trigger"] and json.loads(started["data"])["train_start"] == "2021-02-01T00:00:00"
     promotion = next(d for d in stored if d["action"] == "promoted")
-    assert promotion["challenger_rmse"] < promotion["champion_rmse"] * (1 - settings.promotion_margin)
-    assert promotion["challenger_rmse"] < promotion["baseline_rmse"]
-    assert "accuracy" in promotion["trigger"] and json.loads(promotion["data"])["train_start"] == "2021-03-01T00:00:00"
+    assert "with 95% confidence" in promotion["reason"] and "labelled rides" in promotion["reason"]
+    experiment = next(e for e in tried if e["kind"] == "experiment")
+    assert (experiment["mode"], experiment["status"], experiment["challenger_version"]) == ("shadow", "promoted", "2")
+    guard = next(e for e in tried if e["kind"] == "guard")
+    assert (guard["champion_version"], guard["challenger_version"]) == ("2", "1")
     version = registry.version("2")
-    assert version.tags["promotion.decision"] == "promoted" and "accuracy" in version.tags["automation.trigger"]
+    assert version.tags["promotion.decision"] == "promoted" and version.tags["experiment.decision"] == "promoted"
+    assert "accuracy" in version.tags["automation.trigger"]
 
-    # Serving followed: only versions that were champion answered, and the new one from the next window on.
-    champions = set(registry.history())
-    served = [set(v) for v in result.served.values()]
-    assert set().union(*served) <= champions and registry.current(CHAMPION) in served[-1]
-    assert served[0] == {"1"} and served[-1] == {registry.current(CHAMPION)}
+    # Serving followed: the challenger was only shadowed (never answered) until promoted, then it answered.
     rows = timeline_rows(result)
-    march = [r for r in rows if r["window"] >= "2021-03-01"]
-    assert march[0]["rmse_ratio"] >= 1 + settings.rmse_increase  # the slowdown shows once labels arrive
-    assert all(r["rmse_ratio"] < 1 + settings.rmse_increase for r in rows if r["window"] < "2021-03-01")
-    assert march[-1]["rmse_ratio"] < 1 + settings.rmse_increase  # the retrained model is back in range
+    in_shadow = [r["window"] for r in rows if "shadow v2" in r["experiment"]]
+    assert in_shadow and all(r["served"] == "v1" for r in rows if r["window"] <= in_shadow[0])
+    assert rows[-1]["served"] == "v2" and any("guard v1" in r["experiment"] for r in rows)
+    assert guard["status"] == "passed" and ("passed", "1") in actions  # v2 held against v1 for the guard's week
+    drifted = [r for r in rows if r["window"] >= "2021-02-01"]
+    assert drifted[0]["rmse_ratio"] >= 1 + settings.rmse_increase  # the slowdown shows once labels arrive
+    assert all(r["rmse_ratio"] < 1 + settings.rmse_increase for r in rows if "2021-01-04" <= r["window"] < "2021-02")
+    assert rows[-1]["rmse_ratio"] < 1 + settings.rmse_increase  # the promoted model is back in range
 
 
 def test_a_worse_challenger_is_rejected_and_the_champion_stays(tmp_path: Path, tlc_mirror: Path,
@@ -107,6 +117,7 @@ def test_a_worse_challenger_is_rejected_and_the_champion_stays(tmp_path: Path, t
     assert result.failed == 0 and set().union(*result.served.values()) == {"1"}
 
 
+@pytest.mark.parametrize("promoted", ["postgresql"], indirect=True)
 def test_dashboard_renders_in_headless_chromium(promoted, tmp_path: Path) -> None:
     settings, result, env = promoted
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -139,8 +150,11 @@ def test_dashboard_renders_in_headless_chromium(promoted, tmp_path: Path) -> Non
     embedded = json.loads(re.search(r'<script id="dashboard-data" type="application/json">(.*?)</script>', dom,
                                     re.S).group(1).replace("<\\/", "</"))
     assert embedded["windows"] == data["windows"] and len(data["windows"]) >= 9
-    assert {d["action"] for d in data["decisions"]} >= {"skipped", "promoted"} and data["alerts"]
+    assert {d["action"] for d in data["decisions"]} >= {"skipped", "experiment", "promoted"} and data["alerts"]
     assert "promoted" in dom and "Evidently report" in dom
+    # The experiments panel: each experiment's looks (estimate, interval, outcome) and the table of them.
+    assert {e["kind"] for e in data["experiments"]} == {"experiment", "guard"} and data["looks"]
+    assert '<table id="experiments">' in dom and "shadow" in dom and "beats the champion" in dom
     assert report.status_code == 200 and "PULocationID" in report.text and "Drift" in report.text
     # Feedback needs the token; unknown rides are reported (and kept); a negative duration is a 422.
     assert anonymous.status_code == 401 and feedback.status_code == 200 and bad.status_code == 422

@@ -23,7 +23,7 @@ from tripcast.config import Settings
 from tripcast.data import tlc
 from tripcast.data.drift import inject
 from tripcast.metrics import regression_metrics
-from tripcast.monitoring import alerts, policy
+from tripcast.monitoring import alerts, experiments, policy
 from tripcast.monitoring.feedback import join_month
 from tripcast.monitoring.windows import Window, compute_window, window_of, windows_between
 from tripcast.registry import CHAMPION, Registry
@@ -260,6 +260,14 @@ def test_guards_hold_under_a_storm_of_alerts(world: dict, tmp_path: Path, monkey
     monkeypatch.setenv("TRIPCAST_RETRAIN_COOLDOWN_DAYS", "0")
     monkeypatch.setenv("TRIPCAST_RETRAIN_MAX", "2")
     no_cooldown = settings.with_overrides(retrain_cooldown_days=0, retrain_max=2)
+    # The retrain's challenger passed the offline gate and is in a shadow experiment: no other retrain may cut
+    # its evidence short, cooldown or not. Stopped, the cap holds.
+    assert actions[0] == "experiment" and storm(1, no_cooldown, datetime(2021, 2, 1)) == ["skipped"]
+    with engine.connect() as conn:
+        held = conn.execute(sa.select(decisions.c.reason).order_by(decisions.c.id.desc()).limit(1)).scalar_one()
+    assert held.startswith("experiment 1 (shadow: version") and held.endswith("is running"), held
+    with world["registry"].decision_lock():
+        experiments.stop(engine, world["registry"], "the storm test goes on", trigger.end)
     actions = storm(3, no_cooldown, datetime(2021, 2, 1))
     assert actions[0] in policy.RETRAINED and actions[1:] == ["skipped", "skipped"]
     with engine.connect() as conn:

@@ -102,7 +102,7 @@ def test_tuning_logs_each_trial_as_a_nested_run(settings: Settings, prefect_serv
     from tripcast.flows.train import train_flow
 
     result = train_flow("green", "2021-01", "2021-02", "ridge", trials=3)
-    children = mlflow.search_runs(experiment_names=[settings.experiment],
+    children = mlflow.search_runs(experiment_names=[settings.mlflow_experiment],
                                   filter_string=f"tags.mlflow.parentRunId = '{result['run_id']}'")
     assert len(children) == 3 and children["metrics.holdout_rmse"].notna().all()
     parent = mlflow.get_run(result["run_id"])
