@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test browser lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,16 @@ demo: $(STAMP)  ## pull green 2021-01..03, train baseline / linear / LightGBM, p
 	$(BIN)/tripcast quickstart
 
 test: $(STAMP)  ## the whole suite, slow end-to-end tests included
+	@command -v chromium >/dev/null 2>&1 || $(MAKE) --no-print-directory browser
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
+
+browser:  ## Debian's Chromium for the browser tests (needs root and apt-get; without it they are skipped)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Chromium for the browser tests (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "could not install Chromium: the browser tests will be skipped"; \
+	else echo "no Chromium (apt-get install chromium): the browser tests will be skipped"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

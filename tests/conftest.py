@@ -67,6 +67,22 @@ def prefect_server() -> Iterator[str]:
         yield PREFECT_API_URL.value()
 
 
+@pytest.fixture(scope="session")
+def chromium() -> list[str]:
+    """Debian's headless Chromium with the flags the browser tests use. Missing, the browser tests are skipped
+    on a developer's machine (`make test` installs it where it can) and fail in CI, where `.ci/run` installs it."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        message = "the browser tests need Chromium: apt-get install chromium"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (.ci/run installs it)")
+        pytest.skip(message)
+    return [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+            "--virtual-time-budget=15000"]
+
+
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 
 

@@ -577,6 +577,21 @@ def test_openapi_documents_the_bodies_the_routes_validate(world: dict, server: S
     assert (rides["minItems"], rides["maxItems"]) == (1, world["settings"].batch_limit)
 
 
+def test_the_api_docs_render_on_an_isolated_network(server: Server, chromium: list[str]) -> None:
+    # Every host but loopback unresolvable, as on a network without internet: Swagger UI must come from the API.
+    offline = ["--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--window-size=1200,2000"]
+    page = httpx.get(f"{server.url}/docs", timeout=10).text
+    assert not re.search(r'(src|href)="https?://', page), page  # nothing fetched from elsewhere
+    dom = subprocess.run(chromium + offline + ["--dump-dom", f"{server.url}/docs"], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    # Swagger UI ran: it read /openapi.json and drew an operation per route, /predict among them.
+    assert len(re.findall(r'class="opblock opblock-', dom)) >= 8, dom[-2000:]
+    assert 'data-path="/predict"' in dom and 'data-path="/predict/batch"' in dom
+    redoc = subprocess.run(chromium + offline + ["--dump-dom", f"{server.url}/redoc"], capture_output=True,
+                           text=True, timeout=120, check=True).stdout
+    assert "/predict/batch" in redoc and "redoc-wrap" in redoc
+
+
 def test_openapi_fuzz_finds_no_server_error_and_no_departure_from_the_schema(server: Server) -> None:
     # All checks: no 5xx, and the API keeps its documented contract (schema-valid bodies accepted, invalid
     # ones refused, only documented status codes, content types and response shapes).

@@ -39,6 +39,9 @@ err = Console(stderr=True, soft_wrap=True)
 def _settings(verbose: bool = False) -> Settings:
     """Load settings and give Prefect its own quiet home under TRIPCAST_HOME (before Prefect is imported)."""
     settings = load_settings()
+    if "TRIPCAST_HOME" not in os.environ and not settings.home.exists():  # the default is relative to where the
+        # command runs: a second home must not appear unseen
+        err.print(f"tripcast home: {settings.home.resolve()} (new; TRIPCAST_HOME sets another)", highlight=False)
     # Prefect's ephemeral server cannot create its SQLite file in a folder that does not exist yet.
     settings.prefect_home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home.resolve()))
@@ -237,13 +240,28 @@ def quickstart(verbose: Verbose = False) -> None:
     out.print(f"champion (version {test['version']}) on green {test['month']}: RMSE {test['rmse']:.3f} "
               f"over {test['rows']:,} rides\n", highlight=False)
     uri = settings.resolved_tracking_uri
+    tripcast, mlflow = _command("tripcast"), _command("mlflow")
     out.print("next:\n"
-              f"  mlflow ui --backend-store-uri {uri}\n"
-              "  tripcast models list\n"
-              f"  MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{settings.model_name}@champion "
+              f"  {mlflow} ui --backend-store-uri {uri}\n"
+              f"  {tripcast} models list\n"
+              f"  MLFLOW_TRACKING_URI={uri} {mlflow} models serve -m models:/{settings.model_name}@champion "
               "--env-manager local -p 5001\n"
-              "  tripcast loop --drift slower-traffic --drift-from 2021-03   # rehearse drift -> retrain -> promote\n"
-              "  tripcast serve   # then http://127.0.0.1:8000/dashboard", highlight=False, soft_wrap=True)
+              f"  {tripcast} loop --drift slower-traffic --drift-from 2021-02   # drift -> retrain -> experiment -> "
+              "promote\n"
+              f"  {tripcast} serve   # then http://127.0.0.1:8000/dashboard", highlight=False, soft_wrap=True)
+
+
+def _command(name: str) -> str:
+    """How to call one of this environment's commands from here: bare if it is on PATH (an activated venv),
+    else by its path (after `make demo`, `.venv/bin/tripcast`)."""
+    here = Path(sys.executable).parent / name
+    found = shutil.which(name)
+    if found and Path(found).resolve() == here.resolve():
+        return name
+    try:
+        return str(here.relative_to(Path.cwd()))
+    except ValueError:
+        return str(here)
 
 
 @app.command()

@@ -20,6 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import validation_error_definition, validation_error_response_definition
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -278,8 +279,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if metrics.multiprocess:  # this worker's "live" gauges leave the sums
             multiprocess.mark_process_dead(os.getpid())
 
-    app = FastAPI(title="tripcast", version="1", lifespan=lifespan,
-                  description="NYC taxi trip duration predictions from the MLflow registry's champion.")
+    # /docs and /redoc with their scripts served by the API itself (FastAPI's default loads them from a CDN: a
+    # blank page on an isolated network).
+    app = FastAPIOffline(title="tripcast", version="1", lifespan=lifespan, static_url="/docs/static",
+                         description="NYC taxi trip duration predictions from the MLflow registry's champion.")
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     document_bodies(app, {"Ride": RIDE, "RideBatch": batch, "LabelBatch": labels})
 
