@@ -97,7 +97,7 @@ def test_train_json_then_models_list(settings: Settings, prefect_server: str) ->
     result = run(["train", "--train-month", "2021-01", "--val-month", "2021-02", "--model", "linear", "--json"], env)
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
-    assert payload["version"] == "1" and payload["alias"] == "challenger" and not payload["promoted"]
+    assert payload["version"] == "1" and payload["alias"] is None and not payload["promoted"]  # rejected
     assert payload["metrics"]["val_rmse"] == pytest.approx(7.7587, abs=0.02)
     assert payload["metrics"]["baseline_val_rmse"] < payload["metrics"]["val_rmse"]  # the rule wins here
     listing = run(["models", "list"], {"COLUMNS": "120"})
@@ -128,3 +128,71 @@ def test_schedule_serves_its_deployments_without_a_line_per_poll(settings: Setti
     text = output.read_text()
     assert "monitor/monitor" in text and "train/monthly-retrain" in text
     assert "HTTP Request" not in text and "Traceback" not in text
+
+
+def _interrupt_when(args: list[str], ready, settings: Settings, signal_number: int = 2) -> tuple[float, str, int]:
+    """Start ``tripcast args`` in a session of its own, as a terminal would; once ``ready()`` holds, signal its
+    whole process group (Ctrl-C reaches every process of the foreground group); return the seconds it took to
+    exit, its stderr and its exit status. Afterwards no process of its group may be left."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_LOGGING_LEVEL")}
+    process = subprocess.Popen(TRIPCAST + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        eventually(ready, timeout=180)
+        children = _descendants(process.pid)  # its API, Prefect's server: in sessions of their own
+        sent = time.monotonic()
+        os.killpg(process.pid, signal_number)
+        _, stderr = process.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+    time.sleep(0.5)
+    left = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    left += subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert children and not left, f"processes left behind: {left}"
+    return took, stderr, process.returncode
+
+
+def _descendants(pid: int) -> list[int]:
+    found = [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+    return found + [grandchild for child in found for grandchild in _descendants(child)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_number", [2, 15])  # Ctrl-C, SIGTERM
+def test_an_interrupted_quickstart_stops_at_once_and_leaves_no_undecided_challenger(settings: Settings,
+                                                                                    signal_number: int) -> None:
+    from tripcast.registry import CHALLENGER, Registry
+
+    registry = Registry(settings)
+
+    def training_the_second_model() -> bool:  # the first version is registered and judged
+        return any(v.tags.get("promotion.decision") for v in registry.versions())
+
+    took, stderr, status = _interrupt_when(["quickstart"], training_the_second_model, settings, signal_number)
+    assert took < 5 and status == 130, (took, status, stderr)
+    assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr, stderr
+    assert registry.current(CHALLENGER) is None  # no version left undecided behind the alias
+    assert all(v.tags.get("promotion.decision") in ("rejected", "promoted", "interrupted")
+               for v in registry.versions())
+
+
+@pytest.mark.slow
+def test_an_interrupted_loop_stops_its_api_and_says_one_line(settings: Settings) -> None:
+    log = settings.home / "loop" / "timeline.csv"
+    took, stderr, status = _interrupt_when(
+        ["loop", "--from", "2021-01", "--to", "2021-02", "--sample", "0.3"],
+        lambda: (settings.home / "monitoring.db").exists() and _replayed_weeks(settings) >= 2, settings)
+    assert took < 5 and status == 130, (took, status, stderr)
+    assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr, stderr
+    assert not log.exists()  # nothing written as if the rehearsal had ended
+
+
+def _replayed_weeks(settings: Settings) -> int:
+    import sqlalchemy as sa
+
+    from tripcast.store import connect, window_metrics
+
+    with connect(settings.resolved_monitoring_uri).connect() as conn:
+        return conn.execute(sa.select(sa.func.count(sa.distinct(window_metrics.c.window_start)))).scalar_one()

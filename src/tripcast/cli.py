@@ -19,6 +19,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from tripcast import interrupts
 from tripcast.config import Settings, load_settings
 from tripcast.errors import TripcastError
 
@@ -68,11 +69,11 @@ def _ready_for_flows(settings: Settings) -> None:
     """For a command that runs flows on the registry, once its own arguments are checked: the registry must
     answer (one line within TRIPCAST_REGISTRY_WAIT_SECONDS otherwise, before any data is loaded), and Prefect's
     local database is made ready."""
-    from tripcast.flows import prepare_local_prefect
+    from tripcast.flows import start_local_prefect
     from tripcast.tracking import require_registry
 
     require_registry(settings)
-    prepare_local_prefect(Path(os.environ["PREFECT_HOME"]))
+    start_local_prefect(Path(os.environ["PREFECT_HOME"]))
 
 
 def _fail(message: str) -> None:
@@ -80,12 +81,25 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+SERVICES = ("serve", "stream", "schedule")  # they stop gracefully on their own signal handlers
+
+
 def main() -> None:
+    if next((a for a in sys.argv[1:] if not a.startswith("-")), "") not in SERVICES:
+        interrupts.install()
     try:
-        app()
+        try:
+            app()
+        finally:
+            interrupts.check()  # one a library swallowed is still an interruption
     except TripcastError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(2)
+    except interrupts.Interrupted:
+        # What was in hand has been undone on the way out (no half-written file, no undecided challenger,
+        # child processes stopped).
+        err.print("interrupted", highlight=False)
+        sys.exit(130)
 
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect and MLflow progress logs.")]

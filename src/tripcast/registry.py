@@ -263,12 +263,27 @@ class Registry:
         return mv
 
     def apply(self, version: str | int, decision: PromotionDecision) -> ModelVersion:
+        """Record the decision; promoted, the version becomes champion; rejected, it stops being challenger
+        (the alias names a version still to be decided, or in an experiment)."""
         version = str(version)
         for key, value in decision.as_tags().items():
             self.client.set_model_version_tag(self.name, version, key, value)
         if decision.promote:
             self._make_champion(version)
+        else:
+            self._drop_challenger(version)
         return self.version(version)
+
+    def abandon(self, version: str, why: str) -> None:
+        """A version whose decision was never taken (its run interrupted or failed): said so, and not left behind
+        ``challenger``."""
+        self.client.set_model_version_tag(self.name, version, "promotion.decision", "interrupted")
+        self.client.set_model_version_tag(self.name, version, "promotion.reason", why[:4000])
+        self._drop_challenger(version)
+
+    def _drop_challenger(self, version: str) -> None:
+        if self.current(CHALLENGER) == version:
+            self.client.delete_registered_model_alias(self.name, CHALLENGER)
 
     def promote(self, version: str | int, reason: str = "manual promotion") -> ModelVersion:
         """An operator's promotion: the version must pass verification (serving would refuse it anyway)."""

@@ -9,9 +9,11 @@ fires alerts, and the automation policy retrains, promotes or rejects; the API f
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from tripcast import features as feats
+from tripcast import interrupts
 from tripcast.batch import scorable_month
 from tripcast.config import Settings
 from tripcast.data import tlc
@@ -87,7 +90,7 @@ class ApiProcess:
         sink = output.open("ab") if output is not None else subprocess.PIPE
         self.process = subprocess.Popen([sys.executable, "-m", "tripcast", "serve", "--port", str(self.port),
                                          "--workers", str(workers)], env=os.environ | env, stdout=sink,
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT, preexec_fn=_owned_child)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -108,6 +111,15 @@ class ApiProcess:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+def _owned_child() -> None:
+    """In the API's process before it starts: a session of its own, so that a terminal's Ctrl-C reaches only
+    the rehearsal, which stops it in order (else it died under the rehearsal's next request); and SIGTERM if the
+    rehearsal dies without stopping it (Linux), so that it never outlives it."""
+    os.setsid()
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def replay_rides(options: LoopOptions, settings: Settings) -> pd.DataFrame:
@@ -249,7 +261,9 @@ def run_loop(options: LoopOptions, settings: Settings, progress=None) -> LoopRes
             if labelled is not None:
                 result.labels_sent += api.feedback(window_rides(labelled))
             since = (labelled or window).start
+            interrupts.check()
             outcome = monitor_flow(window=settings.window, since=since.isoformat(), until=window.end.isoformat())
+            interrupts.check()
             api.reload()  # a promotion, an experiment started or ended: served from the next window on
             if progress:
                 progress(window, len(batch), outcome)

@@ -4,7 +4,10 @@ evaluate, score (batch), monitor and retrain, and the quick start."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -36,3 +39,43 @@ def prepare_local_prefect(home: Path) -> None:
 
         asyncio.run(provide_database_interface().create_db())
         marker.touch()
+
+
+def start_local_prefect(home: Path) -> None:
+    """Without a Prefect server (PREFECT_API_URL): migrate the local database once (``prepare_local_prefect``),
+    then start Prefect's local server for this command in a session of its own, and point Prefect at it until
+    the command ends. Prefect's own ephemeral server shares the terminal's process group: Ctrl-C killed it first,
+    and the interrupted run then spent minutes retrying to report its end to it (141 s, a 120-line traceback)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    prepare_local_prefect(home)
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class OwnSession(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            # Prefect's command (SubprocessASGIServer._run_uvicorn_command), started in a new session.
+            return subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--log-level", "error", "--lifespan", "on"],
+                env=os.environ | {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                                  "PREFECT__SERVER_FINAL": "1"}, start_new_session=True)
+
+        def stop(self) -> None:
+            # Its runs' states are committed as they change: waiting out open keep-alive connections (Prefect
+            # allows 5 s) only delays the exit of an interrupted command.
+            if self.server_process is not None and self.server_process.poll() is None:
+                self.server_process.terminate()
+                try:
+                    self.server_process.wait(timeout=1)
+                except subprocess.TimeoutExpired:
+                    self.server_process.kill()
+            super().stop()
+
+    server = OwnSession()
+    server.start()
+    atexit.register(server.stop)
+    temporary_settings(updates={PREFECT_API_URL: server.api_url}).__enter__()  # for the rest of the command
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import datetime
 from typing import Any
 
@@ -10,7 +11,7 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from tripcast import promotion, training
+from tripcast import interrupts, promotion, training
 from tripcast.config import Settings, load_settings
 from tripcast.data import tlc
 from tripcast.flows import retry_unless_data_error
@@ -59,16 +60,22 @@ def register(result: training.TrainingResult, validation: training.MonthData, se
     registry = Registry(settings)
     mv = registry.register(result.model_uri, result.run_id, tags={"model": result.model} | (tags or {}))
     then = None
-    with registry.decision_lock():
-        judged = promotion.judge(registry, mv, result, validation, settings, min_rows, fresh)
-        if promote and judged.decision.promote and passed is not None:
-            then = passed(registry, str(mv.version), judged)
-        elif promote:
-            mv = registry.apply(mv.version, judged.decision)
+    try:
+        with registry.decision_lock():
+            judged = promotion.judge(registry, mv, result, validation, settings, min_rows, fresh)
+            if promote and judged.decision.promote and passed is not None:
+                then = passed(registry, str(mv.version), judged)
+            elif promote:
+                mv = registry.apply(mv.version, judged.decision)
+    except BaseException as exc:  # Ctrl-C, SIGTERM or a failure before the decision: no stray challenger
+        with suppress(Exception):
+            registry.abandon(str(mv.version), f"no decision: the run stopped ({type(exc).__name__}) before it")
+        raise
     decision, promoted = judged.decision, promote and judged.decision.promote and then is None
     get_run_logger().info("version %s: %s (%s)", mv.version, "promoted" if promoted else "not promoted",
                           decision.reason)
-    return {"version": str(mv.version), "alias": CHAMPION if promoted else CHALLENGER, "promoted": promoted,
+    alias = CHAMPION if promoted else CHALLENGER if then is not None or not promote else None
+    return {"version": str(mv.version), "alias": alias, "promoted": promoted,
             "reason": decision.reason, "challenger_rmse": decision.challenger_rmse,
             "baseline_rmse": decision.baseline_rmse, "champion_before": judged.champion_version,
             "champion_rmse": judged.champion_rmse, "compared_on": judged.compared_on, "compared_rows": judged.rows,
@@ -138,8 +145,12 @@ def quickstart_flow(color: str = "green", train_month: str = "2021-01", val_mont
                     test_month: str = "2021-03") -> dict[str, Any]:
     """Rule baseline, linear and boosted models on the same months; the policy promotes the best; the
     champion is then scored on a third month."""
-    runs = [train_flow(color, train_month, val_month, model) for model in ("baseline", "linear", DEFAULT_FAMILY)]
+    runs = []
+    for model in ("baseline", "linear", DEFAULT_FAMILY):
+        runs.append(train_flow(color, train_month, val_month, model))
+        interrupts.check()
     test = evaluate_flow(color, test_month, CHAMPION)
+    interrupts.check()
     return {"runs": runs, "test": test}
 
 
