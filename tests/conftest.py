@@ -8,6 +8,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,25 @@ def settings(tmp_path: Path, tlc_mirror: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("TRIPCAST_PROGRESS", "false")
     monkeypatch.setenv("TRIPCAST_CONFIG", str(tmp_path / "absent.toml"))
     return Settings(home=home, tlc_mirror=str(tlc_mirror), progress=False)
+
+
+@contextmanager
+def module_environment(home: Path, tlc_mirror: Path, **extra: str) -> Iterator[tuple[Settings, dict[str, str]]]:
+    """Settings for a module's tests, exported as TRIPCAST_* (its flows and API processes read the environment),
+    with fast polls and flushes; ``extra``: more TRIPCAST_* variables. Restored afterwards."""
+    env = {"TRIPCAST_HOME": str(home), "TRIPCAST_TLC_MIRROR": str(tlc_mirror), "TRIPCAST_PROGRESS": "false",
+           "TRIPCAST_CONFIG": str(home / "absent.toml"), "TRIPCAST_POLL_SECONDS": "0.3",
+           "TRIPCAST_LOG_FLUSH_SECONDS": "0.1"} | extra
+    patch = pytest.MonkeyPatch()
+    for key in [k for k in os.environ if k.startswith("TRIPCAST_")]:
+        patch.delenv(key)
+    for key, value in env.items():
+        patch.setenv(key, value)
+    try:
+        yield Settings(home=home, tlc_mirror=str(tlc_mirror), progress=False,
+                       admin_token=env.get("TRIPCAST_ADMIN_TOKEN")), env
+    finally:
+        patch.undo()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
-from conftest import eventually
+from conftest import eventually, module_environment
 
 from tripcast import features as feats
 from tripcast import promotion, training
@@ -123,15 +123,12 @@ def world(tmp_path_factory: pytest.TempPathFactory, tlc_mirror: Path, months: di
     """A champion (v1), two more versions (v2 trained on February, v3 trained on February slowed down), an API
     with two workers, and March's rides to replay."""
     home = tmp_path_factory.mktemp("experiments") / "home"
-    env = {"TRIPCAST_HOME": str(home), "TRIPCAST_TLC_MIRROR": str(tlc_mirror), "TRIPCAST_PROGRESS": "false",
-           "TRIPCAST_CONFIG": str(home / "absent.toml"), "TRIPCAST_POLL_SECONDS": "0.5",
-           "TRIPCAST_LOG_FLUSH_SECONDS": "0.1", "TRIPCAST_ADMIN_TOKEN": TOKEN, "TRIPCAST_GUARD_DAYS": "7"}
-    patch = pytest.MonkeyPatch()
-    for key in [k for k in os.environ if k.startswith("TRIPCAST_")]:
-        patch.delenv(key)
-    for key, value in env.items():
-        patch.setenv(key, value)
-    settings = Settings(home=home, tlc_mirror=str(tlc_mirror), progress=False, admin_token=TOKEN)
+    with module_environment(home, tlc_mirror, TRIPCAST_POLL_SECONDS="0.5", TRIPCAST_ADMIN_TOKEN=TOKEN,
+                            TRIPCAST_GUARD_DAYS="7") as (settings, env):
+        yield from _world(settings, env, months, home)
+
+
+def _world(settings: Settings, env: dict[str, str], months: dict, home: Path) -> Iterator[dict]:
     registry = Registry(settings)
     results = [training.train(months["2021-01"], months["2021-02"], "lightgbm", settings),
                training.train(months["2021-02"], months["2021-03"], "lightgbm", settings),
@@ -146,7 +143,6 @@ def world(tmp_path_factory: pytest.TempPathFactory, tlc_mirror: Path, months: di
            "rides": rides, "results": results, "months": months,
            "engine": connect(settings.resolved_monitoring_uri)}
     api.stop()
-    patch.undo()
 
 
 def _week(rides: pd.DataFrame, day: int) -> pd.DataFrame:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
-from conftest import eventually
+from conftest import eventually, module_environment
 from pydantic import ValidationError
 
 from tripcast import training
@@ -42,13 +42,11 @@ COURSE_RIDE = {"PULocationID": 10, "DOLocationID": 50, "trip_distance": 40}
 def world(tmp_path_factory: pytest.TempPathFactory, tlc_mirror: Path) -> Iterator[dict]:
     """A registry with version 1 (champion) and version 2 (challenger), and the rides of 2021-02."""
     home = tmp_path_factory.mktemp("serving") / "home"
-    env = {"TRIPCAST_HOME": str(home), "TRIPCAST_TLC_MIRROR": str(tlc_mirror), "TRIPCAST_ADMIN_TOKEN": TOKEN,
-           "TRIPCAST_POLL_SECONDS": "0.3", "TRIPCAST_LOG_FLUSH_SECONDS": "0.1", "TRIPCAST_PROGRESS": "false",
-           "TRIPCAST_CONFIG": str(home / "absent.toml")}
-    patch = pytest.MonkeyPatch()  # module-scoped: flows read their settings from the environment
-    for key, value in env.items():
-        patch.setenv(key, value)
-    settings = Settings(home=home, tlc_mirror=str(tlc_mirror), progress=False)
+    with module_environment(home, tlc_mirror, TRIPCAST_ADMIN_TOKEN=TOKEN) as (settings, env):
+        yield _world(settings, env)
+
+
+def _world(settings: Settings, env: dict[str, str]) -> dict:
     months = {m: training.read_month_data("green", m, settings)
               for m in ("2021-01", "2021-02")}
     registry = Registry(settings)
@@ -60,9 +58,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, tlc_mirror: Path) -> Iterato
     registry.apply(versions[0], decide(1.0, None, 7.0, 0.01))
     registry.client.set_registered_model_alias(settings.model_name, CHALLENGER, versions[1])
     pipelines = {v: registry.load_pipeline(v)[1] for v in versions}
-    yield {"settings": settings, "env": env, "registry": registry, "versions": versions, "pipelines": pipelines,
-           "rides": months["2021-02"].rides}
-    patch.undo()
+    return {"settings": settings, "env": env, "registry": registry, "versions": versions, "pipelines": pipelines,
+            "rides": months["2021-02"].rides}
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import pandas as pd
 import pytest
 import redis
 import sqlalchemy as sa
-from conftest import eventually
+from conftest import eventually, module_environment
 from test_cli import run
 
 from tripcast import promotion, training
@@ -167,13 +167,11 @@ def _forge_digests(registry: Registry, version: str) -> None:
 def world(tmp_path_factory: pytest.TempPathFactory, tlc_mirror: Path) -> Iterator[dict]:
     """A registry whose champion (v1) is sound, and spare versions to damage, one per test."""
     home = tmp_path_factory.mktemp("unattended") / "home"
-    env = {"TRIPCAST_HOME": str(home), "TRIPCAST_TLC_MIRROR": str(tlc_mirror), "TRIPCAST_POLL_SECONDS": "0.3",
-           "TRIPCAST_LOG_FLUSH_SECONDS": "0.1", "TRIPCAST_PROGRESS": "false", "TRIPCAST_ADMIN_TOKEN": "t",
-           "TRIPCAST_CONFIG": str(home / "absent.toml")}
-    patch = pytest.MonkeyPatch()  # module-scoped: flows read their settings from the environment
-    for key, value in env.items():
-        patch.setenv(key, value)
-    settings = Settings(home=home, tlc_mirror=str(tlc_mirror), progress=False)
+    with module_environment(home, tlc_mirror, TRIPCAST_ADMIN_TOKEN="t") as (settings, env):
+        yield _world(settings, env)
+
+
+def _world(settings: Settings, env: dict[str, str]) -> dict:
     months = {m: training.read_month_data("green", m, settings) for m in ("2021-01", "2021-02")}
     registry = Registry(settings)
     results = []
@@ -184,9 +182,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, tlc_mirror: Path) -> Iterato
         registry.register(result.model_uri, result.run_id)
     registry.apply("1", decide(results[0].val_rmse, None, results[0].baseline_rmse, 0.01))
     spares = iter(str(v) for v in range(2, len(results) + 1))
-    yield {"settings": settings, "env": env, "registry": registry, "months": months, "results": results,
-           "spare": lambda: next(spares)}
-    patch.undo()
+    return {"settings": settings, "env": env, "registry": registry, "months": months, "results": results,
+            "spare": lambda: next(spares)}
 
 
 @pytest.fixture(scope="module")
