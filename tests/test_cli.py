@@ -102,6 +102,8 @@ def test_train_json_then_models_list(settings: Settings, prefect_server: str) ->
     assert payload["metrics"]["baseline_val_rmse"] < payload["metrics"]["val_rmse"]  # the rule wins here
     listing = run(["models", "list"], {"COLUMNS": "120"})
     assert listing.returncode == 0 and "linear" in listing.stdout and "rejected" in listing.stdout
+    described = json.loads(run(["models", "describe", "1"]).stdout)
+    assert described["created"].startswith(time.strftime("%Y-", time.gmtime()))  # a date, not epoch milliseconds
 
 
 @pytest.mark.slow
@@ -196,3 +198,20 @@ def _replayed_weeks(settings: Settings) -> int:
 
     with connect(settings.resolved_monitoring_uri).connect() as conn:
         return conn.execute(sa.select(sa.func.count(sa.distinct(window_metrics.c.window_start)))).scalar_one()
+
+
+@pytest.mark.slow
+def test_quickstart_gives_the_readme_figures(settings: Settings) -> None:
+    # The main job as `make demo` runs it (no Prefect server set: tripcast starts Prefect's local one).
+    result = run(["quickstart"], {"COLUMNS": "140"})
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:6]]
+            for line in result.stdout.splitlines() if line.startswith("│ ") and line.split("│")[1].strip()}
+    assert rows == {"baseline": ["1", "7.366", "7.366", "rejected"], "linear": ["2", "7.759", "7.366", "rejected"],
+                    "lightgbm": ["3", "5.417", "7.366", "promoted"]}
+    assert "champion (version 3) on green 2021-03: RMSE 5.317 over 80,372 rides" in result.stdout
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "RMSE 5.317 over 80,372 rides" in readme and "│ lightgbm │ 3       │ 5.417" in readme
+    # The hints name the commands as this environment calls them.
+    hint = next(line.split()[0] for line in result.stdout.splitlines() if line.strip().endswith("models list"))
+    assert hint == "tripcast" or Path(hint).resolve() == (Path(sys.executable).parent / "tripcast").resolve(), hint

@@ -79,6 +79,8 @@ def test_flow_promotes_then_refuses_a_worse_challenger_and_rolls_back(settings: 
     assert registry.current(CHAMPION) == first["version"]
     tags = registry.version(worse["version"]).tags
     assert tags["promotion.decision"] == "rejected"
+    # The MLflow UI shows the decision and its reason as the version's description.
+    assert registry.version(worse["version"]).description == f"rejected: {worse['reason']}"
     assert float(tags["promotion.challenger_rmse"]) == pytest.approx(worse["metrics"]["val_rmse"], abs=1e-4)
     assert float(tags["promotion.champion_rmse"]) == pytest.approx(first["metrics"]["val_rmse"], abs=1e-4)
 

@@ -11,6 +11,7 @@ import socket
 import sys
 import tempfile
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -195,7 +196,7 @@ def _print_runs(runs: list[dict[str, Any]]) -> None:
     for run in runs:
         table.add_row(run["model"], run["version"], f"{run['metrics']['val_rmse']:.3f}",
                       f"{run['metrics']['baseline_val_rmse']:.3f}",
-                      "[green]champion[/green]" if run["promoted"] else "rejected", run["reason"])
+                      "[green]promoted[/green]" if run["promoted"] else "rejected", run["reason"])  # as `models list`
     out.print(table)
 
 
@@ -311,8 +312,6 @@ def monitor(
 ) -> None:
     """Measure windows of logged predictions (drift, quality, accuracy), fire alerts, apply the policy."""
     settings = _settings(verbose)
-    from datetime import datetime
-
     from tripcast.monitoring.windows import window_of
 
     window_of(window or settings.window, datetime.now())  # an unknown window length fails here, in one line
@@ -530,7 +529,8 @@ def models_describe(version: Annotated[str, typer.Argument(help="Version number 
         _fail(f"{registry.name} has no version or alias {version!r}")
     run = registry.client.get_run(mv.run_id)
     info = {"version": mv.version, "aliases": list(mv.aliases), "run_id": mv.run_id, "source": mv.source,
-            "created": mv.creation_timestamp, "params": run.data.params,
+            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
+            "params": run.data.params,
             "metrics": {k: round(v, 4) for k, v in sorted(run.data.metrics.items())}, "tags": mv.tags}
     out.print_json(json.dumps(info, default=str))
 
@@ -636,8 +636,6 @@ def experiment_stop(
 
 def _experiments_context():
     """The registry, the monitoring store and the event time now (the newest logged pickup)."""
-    from datetime import datetime
-
     from tripcast.monitoring.windows import logged_span
     from tripcast.store import shared
 

@@ -266,8 +266,7 @@ class Registry:
         """Record the decision; promoted, the version becomes champion; rejected, it stops being challenger
         (the alias names a version still to be decided, or in an experiment)."""
         version = str(version)
-        for key, value in decision.as_tags().items():
-            self.client.set_model_version_tag(self.name, version, key, value)
+        self.record(version, decision.as_tags())
         if decision.promote:
             self._make_champion(version)
         else:
@@ -277,9 +276,17 @@ class Registry:
     def abandon(self, version: str, why: str) -> None:
         """A version whose decision was never taken (its run interrupted or failed): said so, and not left behind
         ``challenger``."""
-        self.client.set_model_version_tag(self.name, version, "promotion.decision", "interrupted")
-        self.client.set_model_version_tag(self.name, version, "promotion.reason", why[:4000])
+        self.record(version, {"promotion.decision": "interrupted", "promotion.reason": why})
         self._drop_challenger(version)
+
+    def record(self, version: str, tags: dict[str, str]) -> None:
+        """Tags on the version; a decision with its reason is also the version's description, which the MLflow
+        UI shows."""
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.name, version, key, str(value)[:4000])
+        if "promotion.decision" in tags:
+            self.client.update_model_version(self.name, version, description=(
+                f"{tags['promotion.decision']}: {tags.get('promotion.reason', '')}".strip(": ")[:4000]))
 
     def _drop_challenger(self, version: str) -> None:
         if self.current(CHALLENGER) == version:
@@ -297,9 +304,8 @@ class Registry:
     def promote_locked(self, version: str, reason: str, tags: dict[str, str] | None = None) -> None:
         """Make ``version`` champion, with its reason and ``tags``; the caller holds ``decision_lock()`` and has
         verified the version."""
-        for key, value in ({"promotion.decision": "promoted", "promotion.reason": reason, "promotion.at": _now()}
-                           | (tags or {})).items():
-            self.client.set_model_version_tag(self.name, version, key, value)
+        self.record(version, {"promotion.decision": "promoted", "promotion.reason": reason, "promotion.at": _now()}
+                    | (tags or {}))
         self._make_champion(version)
 
     def rollback(self) -> tuple[str, str]:

@@ -137,8 +137,7 @@ def retrain_flow(trigger: str, event_time: str, train_start: str, train_end: str
 
     def online(registry: Registry, version: str, judged: promotion.Judgement) -> dict[str, Any]:
         """Past the offline gate: an online experiment decides (TRIPCAST_EXPERIMENT), not this one window."""
-        registry.client.set_model_version_tag(registry.name, version, "promotion.decision", "experiment")
-        registry.client.set_model_version_tag(registry.name, version, "promotion.reason", judged.decision.reason)
+        registry.record(version, {"promotion.decision": "experiment", "promotion.reason": judged.decision.reason})
         return experiments.start(engine, registry, settings, version, settings.experiment,
                                  settings.experiment_weight, f"passed the offline gate ({judged.decision.reason})",
                                  datetime.fromisoformat(now) if now else times[0], record=False)

@@ -162,8 +162,8 @@ def review(engine: Engine, registry: Registry, settings: Settings, event_time: d
         _guard(engine, registry, settings, current["challenger_version"], current["champion_version"], event_time,
                f"promoted by experiment {current['id']}")
     elif decision == "rejected":
-        for key, value in (tags | {"promotion.decision": "rejected", "promotion.reason": reason}).items():
-            registry.client.set_model_version_tag(registry.name, current["challenger_version"], key, value)
+        registry.record(current["challenger_version"], tags | {"promotion.decision": "rejected",
+                                                                "promotion.reason": reason})
         _end(engine, registry, current, "rejected", reason, event_time)
     elif decision == "rolled_back":
         registry.rollback_locked(tags | {"rollback.reason": reason})
