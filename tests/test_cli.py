@@ -215,3 +215,36 @@ def test_quickstart_gives_the_readme_figures(settings: Settings) -> None:
     # The hints name the commands as this environment calls them.
     hint = next(line.split()[0] for line in result.stdout.splitlines() if line.strip().endswith("models list"))
     assert hint == "tripcast" or Path(hint).resolve() == (Path(sys.executable).parent / "tripcast").resolve(), hint
+
+
+@pytest.mark.slow
+def test_ui_shows_mlflow_and_prefect_on_tripcasts_stores_and_ctrl_c_stops_them(settings: Settings) -> None:
+    import httpx
+
+    trained = run(["train", "--train-month", "2021-01", "--val-month", "2021-02", "--model", "baseline"])
+    assert trained.returncode == 0, trained.stderr
+    mlflow_port, prefect_port = _free_port(), _free_port()
+
+    def both_answer() -> bool:
+        try:
+            return _both_answer()
+        except httpx.TransportError:  # not up yet
+            return False
+
+    def _both_answer() -> bool:
+        models = httpx.get(f"http://127.0.0.1:{mlflow_port}/ajax-api/2.0/mlflow/registered-models/search", timeout=5)
+        runs = httpx.post(f"http://127.0.0.1:{prefect_port}/api/flow_runs/filter", json={}, timeout=5)
+        return models.status_code == 200 and runs.status_code == 200 and bool(runs.json()) and \
+            models.json()["registered_models"][0]["name"] == settings.model_name
+
+    took, stderr, status = _interrupt_when(["ui", "--mlflow-port", str(mlflow_port), "--prefect-port",
+                                            str(prefect_port)], both_answer, settings)
+    assert took < 12 and status == 130 and stderr.strip().splitlines()[-1] == "interrupted", (took, stderr)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{mlflow_port}/", timeout=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -8,9 +8,12 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
+import time
+from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -298,6 +301,79 @@ def schedule(
     from tripcast.flows.train import deployment
 
     serve_deployments(deployment(cron, model, color), monitor_deployment(monitor_cron))
+
+
+@app.command()
+def ui(
+    mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI.", min=1, max=65535)] = 5000,
+    prefect_port: Annotated[int, typer.Option(help="Port of the Prefect UI.", min=1, max=65535)] = 4200,
+    verbose: Verbose = False,
+) -> None:
+    """The MLflow UI (runs, versions, aliases, decisions) and the Prefect UI (flow runs and their logs) on the
+    stores tripcast uses; a server already configured (an MLflow server, PREFECT_API_URL) is named instead of
+    started. Ctrl-C stops them."""
+    settings = _settings(verbose)
+    uri = settings.resolved_tracking_uri
+    wanted: dict[str, tuple[list[str], str]] = {}
+    if not uri.startswith(("http://", "https://")):
+        wanted["MLflow"] = ([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                             "--port", str(mlflow_port)], f"http://127.0.0.1:{mlflow_port}")
+    if not os.environ.get("PREFECT_API_URL"):
+        from tripcast.flows import prepare_local_prefect
+
+        prepare_local_prefect(settings.prefect_home)
+        wanted["Prefect"] = ([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                              str(prefect_port)], f"http://127.0.0.1:{prefect_port}")
+    for name, (_, url) in wanted.items():
+        port = int(url.rsplit(":", 1)[1])
+        try:
+            with socket.create_server(("127.0.0.1", port)):
+                pass
+        except OSError as exc:
+            _fail(f"cannot start the {name} UI on 127.0.0.1:{port}: {exc.strerror} (--{name.lower()}-port)")
+    logs = settings.home / "ui"
+    logs.mkdir(parents=True, exist_ok=True)
+    started = {name: subprocess.Popen(command, stdout=(logs / f"{name.lower()}.log").open("ab"),
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+               for name, (command, _) in wanted.items()}
+    try:
+        import httpx
+
+        for name, (_, url) in wanted.items():
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and started[name].poll() is None:
+                with suppress(httpx.TransportError):
+                    if httpx.get(url, timeout=2).status_code == 200:
+                        break
+                time.sleep(0.3)
+            else:
+                _fail(f"the {name} UI did not start: see {logs / (name.lower() + '.log')}")
+        out.print(f"MLflow UI: {wanted['MLflow'][1] if 'MLflow' in wanted else uri}", highlight=False)
+        prefect_ui = wanted["Prefect"][1] if "Prefect" in wanted else os.environ["PREFECT_API_URL"].removesuffix("/api")
+        out.print(f"Prefect UI: {prefect_ui} (flow runs and their logs)\nCtrl-C stops them", highlight=False)
+        while all(process.poll() is None for process in started.values()):
+            time.sleep(0.5)
+        _fail(f"a UI stopped: see {logs}")
+    finally:  # each UI with the workers it started (its own process group)
+        for process in started.values():
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for process in started.values():
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            while time.monotonic() < deadline and _group_alive(process.pid):
+                time.sleep(0.1)
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 # --- monitoring ----------------------------------------------------------------------------------------
