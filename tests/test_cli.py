@@ -56,6 +56,19 @@ def test_bad_input_is_one_clear_line(settings: Settings, args: list[str], messag
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("args", [
+    ["data", "pull", "green", "2021-13"], ["train", "--train-month", "2021-13", "--val-month", "2021-02"],
+    ["evaluate", "--month", "2021-13"], ["score", "--month", "2021-13"], ["feedback", "--month", "2021-13"],
+    ["loop", "--from", "2021-13"], ["data", "drift", "green", "2021-13", "--kind", "zone-shift", "--out", "x"]])
+def test_a_malformed_month_is_refused_at_once_by_every_command(settings: Settings, args: list[str]) -> None:
+    started = time.monotonic()
+    result = run(args)
+    took = time.monotonic() - started  # no data loaded, no flow run recorded: ~0.5 s, where it took ~10 s
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: malformed month '2021-13': expected YYYY-MM, e.g. 2021-01"), result.stderr
+    assert took < 2, took
+
+
 def test_serve_on_a_port_in_use_says_so_before_loading_anything(settings: Settings) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]

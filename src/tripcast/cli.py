@@ -449,6 +449,10 @@ def loop(
 ) -> None:
     """Rehearse the loop: replay months as traffic, labels later, monitor, retrain, promote; print a timeline."""
     settings = _settings(verbose)
+    from tripcast.data import tlc
+
+    tlc.check_color(color)  # before the rehearsal's imports (2 s): bad months are refused at once
+    tlc.month_range(first, last)
     from tripcast.rehearsal import LoopOptions, check_options, run_loop, save_timeline, timeline_rows
 
     options = LoopOptions(color=color, first=first, last=last, sample=sample, speedup=speedup,
