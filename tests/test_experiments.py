@@ -190,9 +190,14 @@ def test_a_challenger_that_passes_offline_but_is_worse_online_is_rejected(world:
     world["client"].reload()
     eventually(lambda: _traffic(world)["mode"] == "shadow", 10)
     rides = world["rides"]
-    outcome = _serve_and_label(world, _week(rides, 1), datetime(2021, 3, 8))
+    week = _week(rides, 1)
+    outcome = _serve_and_label(world, week, datetime(2021, 3, 8))
     look = outcome["experiment"]
     assert look["decision"] == "rejected" and "worse than the champion" in look["reason"]
+    # The monitoring run says what it measured (tripcast monitor prints it), not only how many rides.
+    measured = outcome["windows"][0]["figures"]["1"]
+    assert measured["rows"] == len(week) and measured["rmse"] > 0 and measured["rmse_ratio"] > 0
+    assert {"drift_share", "prediction_drift", "od_drift"} <= set(measured)
     assert look["rides"] >= settings.experiment_min_rides and look["challenger_rmse"] > look["champion_rmse"]
     assert registry.current(CHAMPION) == "1" and registry.current(CHALLENGER) is None and registry.traffic() is None
     assert registry.version("3").tags["promotion.decision"] == "rejected"

@@ -403,9 +403,14 @@ def monitor(
     result = monitor_flow(window, since, until, automate)
     if not result["windows"]:
         out.print(result.get("note", "nothing to monitor"))
+    table = Table("window", "version", "rides", "drift", "pred", "OD", "RMSE", "/val", box=box.SIMPLE_HEAD)
     for item in result["windows"]:
-        out.print(f"{item['window']}: {item['rows']:,} predictions (versions {', '.join(item['versions'])})",
-                  highlight=False)
+        for version, figures in sorted(item["figures"].items()):
+            table.add_row(item["window"], f"v{version}", f"{figures.get('rows', 0):,.0f}",
+                          *(_num(figures.get(m), d) for m, d in (("drift_share", 2), ("prediction_drift", 3),
+                                                                  ("od_drift", 3), ("rmse", 2), ("rmse_ratio", 2))))
+    if table.row_count:
+        out.print(table)
     for message in result["alerts"]:
         out.print(f"[yellow]alert[/yellow] {message}", highlight=False)
     if result["decision"]:

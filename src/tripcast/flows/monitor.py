@@ -67,8 +67,13 @@ def monitor_flow(window: str | None = None, since: str | None = None, until: str
     decision = None
     if fired and (settings.automate if automate is None else automate):
         decision = automate_flow_step(fired, settings, until_t)
+    shown = ("rows", "drift_share", "prediction_drift", "od_drift", "rmse", "rmse_ratio")
     return {"windows": [{"window": name, "versions": sorted({r["model_version"] for r in rows}),
-                         "rows": int(sum(r["value"] for r in rows if r["metric"] == "rows"))}
+                         "rows": int(sum(r["value"] for r in rows if r["metric"] == "rows")),
+                         "figures": {r["model_version"]: {m: figure["value"] for m in shown for figure in rows
+                                                          if figure["metric"] == m
+                                                          and figure["model_version"] == r["model_version"]}
+                                     for r in rows}}
                         for name, rows in measured.items()],
             "alerts": [a["message"] for a in fired], "decision": decision, "experiment": looked}
 
