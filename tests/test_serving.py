@@ -224,7 +224,7 @@ def test_without_a_model_predictions_are_503_naming_the_alias(world: dict) -> No
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "tripcast", "serve", "--port", str(port)],
                                env=os.environ | world["env"] | {"TRIPCAST_SERVE_ALIAS": "nobody"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         eventually(lambda: httpx.get(f"{url}/health", timeout=1).status_code == 200, 60, (httpx.TransportError,))
@@ -234,7 +234,9 @@ def test_without_a_model_predictions_are_503_naming_the_alias(world: dict) -> No
             assert response.status_code == 503 and "'nobody'" in response.json()["detail"], path
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        _, said = process.communicate(timeout=30)
+    # It says once what it waits for, rather than only its banner.
+    assert said.count("no version behind alias nobody of tripcast-duration yet: waiting for one") == 1, said
 
 
 

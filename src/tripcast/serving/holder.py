@@ -67,6 +67,7 @@ class ModelHolder:
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
         self.last_check: str | None = None
+        self._said_waiting = False
         self.reloads = 0
         self.failures = 0
         self.wanted: str | None = None  # the version the alias pointed at, at the last check
@@ -90,6 +91,12 @@ class ModelHolder:
                     log.info("alias %s: version %s no longer served", self.alias, serving)
                     self.current = None
                     return True
+                if version is None and self.current is None and self.fall_back and not self._said_waiting:
+                    # The champion's holder says once what it waits for (a new registry has no champion yet).
+                    log.warning("no version behind alias %s of %s yet: waiting for one (tripcast train or tripcast "
+                                "models promote makes one; this API checks every poll)", self.alias,
+                                self.registry.name)
+                    self._said_waiting = True
                 if version is None or version == serving or version in self.refused:
                     self._ok(serving)
                     if version == serving:
