@@ -77,7 +77,8 @@ def _ready_for_flows(settings: Settings) -> None:
     from tripcast.tracking import require_registry
 
     require_registry(settings)
-    start_local_prefect(Path(os.environ["PREFECT_HOME"]))
+    start_local_prefect(Path(os.environ["PREFECT_HOME"]),
+                        (lambda message: err.print(message, highlight=False)) if settings.progress else lambda _: None)
 
 
 def _fail(message: str) -> None:
@@ -476,7 +477,8 @@ def loop(
                      f"rides, {look['decision']}")
         err.print(f"{window}: {rides:,} rides replayed{note}", highlight=False)
 
-    result = run_loop(options, settings, progress if settings.progress else None)
+    result = run_loop(options, settings, progress if settings.progress else None,
+                      (lambda message: err.print(message, highlight=False)) if settings.progress else lambda _: None)
     if result.bootstrap:
         out.print(result.bootstrap, highlight=False)
     table = Table(title=f"tripcast loop: {color} {first}..{last}" + (f", {drift} from {drift_from or first}"

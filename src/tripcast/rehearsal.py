@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,15 +225,24 @@ def check_options(options: LoopOptions, settings: Settings) -> None:
                             "TRIPCAST_ADMIN_TOKEN to the API's token")
 
 
-def run_loop(options: LoopOptions, settings: Settings, progress=None) -> LoopResult:
-    """Replay, label, monitor and automate window by window; returns the counts and the timeline."""
+def run_loop(options: LoopOptions, settings: Settings, progress=None,
+             say: Callable[[str], None] = lambda _: None) -> LoopResult:
+    """Replay, label, monitor and automate window by window; returns the counts and the timeline. ``progress``
+    hears of every window, ``say`` of the steps before the first (they take half a minute)."""
     from tripcast.flows.monitor import monitor_flow
 
     started = time.perf_counter()
     check_options(options, settings)
     result = LoopResult(kind=settings.window)
+    say(f"reading {options.color} {options.first}..{options.last}" + (
+        f" ({options.drift} from {options.drift_from or options.first})" if options.drift else ""))
     rides = replay_rides(options, settings)
+    if Registry(settings).current(CHAMPION) is None:
+        say(f"no champion: training one on {options.color} {options.first}")
     result.bootstrap = _bootstrap(options, settings)
+    if options.api_url is None:
+        say(f"starting the API ({options.workers} worker{'s' * (options.workers > 1)}); then "
+            f"{len(rides):,} rides, window by window")
     first, last = tlc.Month.parse(options.first), tlc.Month.parse(options.last)
     windows = windows_between(settings.window, first.start.to_pydatetime(), last.end.to_pydatetime())
     token = settings.admin_token or secrets.token_urlsafe(16)

@@ -8,6 +8,7 @@ import atexit
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -41,13 +42,15 @@ def prepare_local_prefect(home: Path) -> None:
         marker.touch()
 
 
-def start_local_prefect(home: Path) -> None:
+def start_local_prefect(home: Path, say: Callable[[str], None] = lambda _: None) -> None:
     """Without a Prefect server (PREFECT_API_URL): migrate the local database once (``prepare_local_prefect``),
     then start Prefect's local server for this command in a session of its own, and point Prefect at it until
     the command ends. Prefect's own ephemeral server shares the terminal's process group: Ctrl-C killed it first,
     and the interrupted run then spent minutes retrying to report its end to it (141 s, a 120-line traceback)."""
     if os.environ.get("PREFECT_API_URL"):
         return
+    new = not (home / "prefect.db").exists()
+    say("starting Prefect's local server" + (" (making its database: a new home, ~10 s)" if new else ""))
     prepare_local_prefect(home)
     import prefect
     from prefect.server.api.server import SubprocessASGIServer
