@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -77,7 +78,12 @@ def start_local_prefect(home: Path, say: Callable[[str], None] = lambda _: None)
                     self.server_process.kill()
             super().stop()
 
-    server = OwnSession()
+    # A port the system picks (Prefect draws one of a thousand at random: concurrent commands drew the same, and
+    # one then ran its flows on another's server, refused once that command ended).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = OwnSession(port)
     server.start()
     atexit.register(server.stop)
     temporary_settings(updates={PREFECT_API_URL: server.api_url}).__enter__()  # for the rest of the command
