@@ -175,25 +175,6 @@ def _descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signal_number", [2, 15])  # Ctrl-C, SIGTERM
-def test_an_interrupted_quickstart_stops_at_once_and_leaves_no_undecided_challenger(settings: Settings,
-                                                                                    signal_number: int) -> None:
-    from tripcast.registry import CHALLENGER, Registry
-
-    registry = Registry(settings)
-
-    def training_the_second_model() -> bool:  # the first version is registered and judged
-        return any(v.tags.get("promotion.decision") for v in registry.versions())
-
-    took, stderr, status = _interrupt_when(["quickstart"], training_the_second_model, settings, signal_number)
-    assert took < 5 and status == 130, (took, status, stderr)
-    assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr, stderr
-    assert registry.current(CHALLENGER) is None  # no version left undecided behind the alias
-    assert all(v.tags.get("promotion.decision") in ("rejected", "promoted", "interrupted")
-               for v in registry.versions())
-
-
-@pytest.mark.slow
 def test_an_interrupted_loop_stops_its_api_and_says_one_line(settings: Settings) -> None:
     log = settings.home / "loop" / "timeline.csv"
     took, stderr, status = _interrupt_when(
