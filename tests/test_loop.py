@@ -11,7 +11,9 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -19,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from tripcast.config import Settings
+from tripcast.monitoring.windows import compute_window, window_ending, window_of
 from tripcast.registry import CHAMPION, Registry
 from tripcast.rehearsal import ApiProcess, LoopOptions, run_loop, timeline_rows
 from tripcast.store import connect, decisions, experiments, predictions
@@ -97,6 +100,26 @@ def test_drift_retrains_tries_the_challenger_in_shadow_promotes_it_and_the_api_f
     assert rows[-1]["rmse_ratio"] < 1 + settings.rmse_increase  # the promoted model is back in range
 
 
+def test_every_event_is_dated_by_the_window_it_followed(promoted) -> None:
+    """Alerts name the window they are about; decisions and looks, the window after which monitoring made
+    them; the timeline's rows file decisions under that window; reasons name windows in order."""
+    settings, result, _ = promoted
+    rows = {r["window"]: r for r in timeline_rows(result)}
+    for alert in result.timeline["alerts"]:
+        assert f"(week {alert['window_start'][:10]}, model version" in alert["message"], alert["message"]
+    for decision in result.timeline["decisions"]:
+        window = window_ending(settings.window, datetime.fromisoformat(decision["event_time"]))
+        assert decision["window"] == str(window) and decision["action"] in rows[f"{window.start:%Y-%m-%d}"]["decisions"]
+        named = re.findall(r"week (\d{4}-\d\d-\d\d)", decision["reason"])
+        if decision["reason"].startswith("deferred: the change began"):  # in or after the newest labelled week
+            assert named[0] > named[1] if len(named) == 2 else "the newest labelled week" in decision["reason"]
+        elif decision["reason"].startswith("deferred: "):
+            assert named == [] or named[0] < named[1], decision["reason"]
+    promotion = next(d for d in result.timeline["decisions"] if d["action"] == "promoted")
+    after = [r for r in timeline_rows(result) if r["window"] > promotion["window"].split()[-1]]
+    assert rows[promotion["window"].split()[-1]]["served"] == "v1" and after[0]["served"] == "v2"
+
+
 def test_a_worse_challenger_is_rejected_and_the_champion_stays(tmp_path: Path, tlc_mirror: Path,
                                                                prefect_server: str) -> None:
     saved = dict(os.environ)
@@ -117,12 +140,32 @@ def test_a_worse_challenger_is_rejected_and_the_champion_stays(tmp_path: Path, t
     assert result.failed == 0 and set().union(*result.served.values()) == {"1"}
 
 
+def _logged(engine: sa.engine.Engine, ride_id: str, timeout: float = 30) -> datetime:
+    """The pickup time of a ride once the API's prediction log has written it to the store."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            found = conn.execute(sa.select(predictions.c.pickup_datetime)
+                                 .where(predictions.c.ride_id == ride_id)).scalar()
+        if found is not None:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"ride {ride_id} not in the prediction log after {timeout:.0f} s")
+
+
 @pytest.mark.parametrize("promoted", ["postgresql"], indirect=True)
 def test_dashboard_renders_in_headless_chromium(promoted, tmp_path: Path, chromium: list[str]) -> None:
     settings, result, env = promoted
     env = env | {"TRIPCAST_ADMIN_TOKEN": "dashboard-test"}
     api = ApiProcess(env)
     try:
+        # A live ride among the replayed ones (the README's example without its pickup time), measured in its
+        # own week: the dashboard still opens on the replay and marks that week as too small.
+        live = {"ride_id": "live", "PULocationID": 10, "DOLocationID": 50, "trip_distance": 40}
+        assert httpx.post(f"{api.url}/predict", json=live, timeout=10).status_code == 200
+        engine = connect(settings.resolved_monitoring_uri)
+        stray = _logged(engine, "live")
+        compute_window(engine, Registry(settings), window_of(settings.window, stray), settings)
         data = httpx.get(f"{api.url}/dashboard/data", timeout=30).json()
         flags = chromium + ["--window-size=1400,1700"]
         shot = tmp_path / "dashboard.png"
@@ -131,7 +174,10 @@ def test_dashboard_renders_in_headless_chromium(promoted, tmp_path: Path, chromi
         dom = subprocess.run(flags + ["--dump-dom", f"{api.url}/dashboard"], check=True, capture_output=True,
                              text=True, timeout=120).stdout
         metrics = httpx.get(f"{api.url}/metrics", timeout=10).text
-        report = httpx.get(f"{api.url}/dashboard/reports/{data['windows'][-1]['report']}", timeout=30)
+        newest = f"{api.url}/dashboard/reports/{[w['report'] for w in data['windows'] if w['report']][-1]}"
+        report = httpx.get(newest, timeout=30)
+        drawn = subprocess.run(flags + ["--dump-dom", newest], check=True, capture_output=True, text=True,
+                               timeout=120).stdout
         label = {"labels": [{"ride_id": "never-served", "duration": 9.5}]}
         anonymous = httpx.post(f"{api.url}/feedback", json=label, timeout=10)
         token = {"Authorization": f"Bearer {env['TRIPCAST_ADMIN_TOKEN']}"}
@@ -148,10 +194,14 @@ def test_dashboard_renders_in_headless_chromium(promoted, tmp_path: Path, chromi
     assert embedded["windows"] == data["windows"] and len(data["windows"]) >= 9
     assert {d["action"] for d in data["decisions"]} >= {"skipped", "experiment", "promoted"} and data["alerts"]
     assert "promoted" in dom and "Evidently report" in dom
+    assert data["range"] == ["2020-12-28T00:00:00", "2021-04-05T00:00:00"]  # the replay's weeks
+    assert (data["outside_rides"], data["outside_windows"]) == (1, 1)
+    assert "1 ride(s) in 1 smaller week(s) lie outside" in dom and "too few rides to measure" in dom
     # The experiments panel: each experiment's looks (estimate, interval, outcome) and the table of them.
     assert {e["kind"] for e in data["experiments"]} == {"experiment", "guard"} and data["looks"]
     assert '<table id="experiments">' in dom and "shadow" in dom and "beats the champion" in dom
     assert report.status_code == 200 and "PULocationID" in report.text and "Drift" in report.text
+    assert len(report.content) < 500_000 and re.search(r'<div id="root_\w+"><div', drawn)  # drawn by the shared script
     # Feedback needs the token; unknown rides are reported (and kept); a negative duration is a 422.
     assert anonymous.status_code == 401 and feedback.status_code == 200 and bad.status_code == 422
     assert feedback.json() == {"stored": 1, "unknown": 1, "unknown_ride_ids": ["never-served"]}

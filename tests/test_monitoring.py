@@ -7,6 +7,8 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
+import subprocess
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -23,7 +25,7 @@ from tripcast.config import Settings
 from tripcast.data import tlc
 from tripcast.data.drift import inject
 from tripcast.metrics import regression_metrics
-from tripcast.monitoring import alerts, experiments, policy
+from tripcast.monitoring import alerts, experiments, policy, reports
 from tripcast.monitoring.feedback import join_month
 from tripcast.monitoring.windows import Window, compute_window, window_of, windows_between
 from tripcast.registry import CHAMPION, Registry
@@ -109,6 +111,34 @@ def test_real_months_2021_02_is_quiet_and_2023_03_drifts(world: dict, tmp_path: 
     assert reports == [f"week-2023-03-06-v{world['version']}.html"]
 
 
+def test_reports_share_evidently_s_script_and_old_ones_are_pruned(world: dict, tmp_path: Path,
+                                                                 chromium: list[str]) -> None:
+    settings = fresh(world, tmp_path, reports_keep=2, home=tmp_path / "kept")  # the world's registry still
+    engine = connect(settings.resolved_monitoring_uri)
+    log_rides(settings, world, month_rides(settings, "2021-02"))
+    weeks = windows_between("week", datetime(2021, 2, 1), datetime(2021, 3, 1))
+    for week in weeks:
+        compute_window(engine, world["registry"], week, settings)
+    folder = settings.home / "reports"
+    kept = sorted(p.name for p in folder.glob("*.html"))
+    assert kept == [f"week-2021-02-{d}-v{world['version']}.html" for d in (15, 22)]
+    assert sorted(p.name for p in folder.iterdir() if p.suffix != ".html") == sorted([reports.FONT, reports.SCRIPT])
+    assert all((folder / name).stat().st_size < 500_000 for name in kept)  # Evidently's own: ~3.9 MB each
+    with engine.connect() as conn:
+        linked = dict(conn.execute(sa.select(window_metrics.c.window_start, window_metrics.c.report)
+                                   .where(window_metrics.c.metric == "rows")).all())
+    assert linked == {w.start: (f"week-{w.start:%Y-%m-%d}-v{world['version']}.html"
+                                if w.start.day >= 15 else None) for w in weeks}
+    # The slim report draws in a browser from the shared script beside it.
+    dom = subprocess.run(chromium + ["--dump-dom", (folder / kept[-1]).as_uri()], check=True, capture_output=True,
+                         text=True, timeout=120).stdout
+    assert re.search(r'<div id="root_\w+"><div', dom) and "MuiTableCell" in dom and "Drifted Columns" in dom
+
+    none = fresh(world, tmp_path, reports_keep=0, home=tmp_path / "none")
+    assert {r["report"] for r in compute_window(engine, world["registry"], weeks[0], none)} == {None}
+    assert not (none.home / "reports").exists()
+
+
 def test_injected_drift_is_detected_in_its_first_window(world: dict, tmp_path: Path) -> None:
     settings = fresh(world, tmp_path)
     engine = connect(settings.resolved_monitoring_uri)
@@ -153,6 +183,39 @@ def test_labels_arrive_later_and_unknown_rides_are_kept(world: dict, tmp_path: P
     with engine.connect() as conn:
         kept_labels = dict(conn.execute(sa.select(labels.c.ride_id, labels.c.actual_duration)).all())
     assert kept_labels["no-such-ride"] == 12.0 and kept_labels[rides["ride_id"].iloc[0]] == 11.0
+
+
+def test_a_stray_live_ride_moves_neither_the_monitored_period_nor_the_dashboard(world: dict, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    """A replayed February 2021 and one ride stamped now (the README's /predict without a pickup time)."""
+    from tripcast.flows.monitor import monitor_flow
+    from tripcast.monitoring import dashboard
+
+    settings = fresh(world, tmp_path)
+    monkeypatch.setenv("TRIPCAST_MONITORING_URI", settings.resolved_monitoring_uri)
+    engine = connect(settings.resolved_monitoring_uri)
+    log_rides(settings, world, month_rides(settings, "2021-02"))
+    now = datetime.now().replace(microsecond=0)
+    log_rides(settings, world, month_rides(settings, "2021-03").head(1).assign(ride_id="live", pickup_datetime=now))
+
+    result = monitor_flow(automate=False)
+    assert [w["window"] for w in result["windows"]] == [f"week 2021-02-{d:02d}" for d in (1, 8, 15, 22)]
+    assert all(w["figures"][world["version"]]["drift_share"] is not None for w in result["windows"])
+    assert result["note"] == ("1 ride(s) after week 2021-02-22 are in weeks too small to measure; pass --until "
+                              "to include them")
+    stray = window_of("week", now)
+    assert [w["window"] for w in monitor_flow(since=str(stray.start), until=str(stray.end),
+                                              automate=False)["windows"]] == [str(stray)]
+
+    content = dashboard.data(engine, settings)
+    assert content["range"] == ["2021-02-01T00:00:00", "2021-03-01T00:00:00"]
+    assert (content["outside_rides"], content["outside_windows"]) == (1, 1)
+    assert [w["measured"] for w in content["windows"]] == [True] * 4 + [False]
+    axis = dashboard.figure(content).layout.xaxis
+    assert axis.range[0] < datetime(2021, 2, 1) < datetime(2021, 3, 1) < axis.range[1] < datetime(2021, 3, 2)
+    page = dashboard.page(content)
+    assert "too few rides to measure (fewer than 500)" in page
+    assert "1 ride(s) in 1 smaller week(s) lie outside" in page
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])

@@ -89,6 +89,7 @@ class Settings:
     # were measured on green 2021-2023: weekly 2021 windows stay below them, 2023 windows do not.
     window: Literal["day", "week"] = "week"  # a day of green taxi rides is too few for stable zone statistics
     min_window_rows: Count = 500  # fewer rides than this in a window: no drift verdict
+    reports_keep: Annotated[int, Field(ge=0)] = 500  # Evidently HTML reports kept, newest windows; 0: none
     drift_threshold: Annotated[float, Field(gt=0)] = 0.1  # per column: Jensen-Shannon / normed Wasserstein
     drift_share: Annotated[float, Field(gt=0, le=1)] = 0.5  # share of drifted features: the dataset drifted
     od_drift_threshold: Annotated[float, Field(gt=0, le=1)] = 0.12  # Jensen-Shannon distance of the pair mix

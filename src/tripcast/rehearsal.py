@@ -289,8 +289,7 @@ def run_loop(options: LoopOptions, settings: Settings, progress=None,
     finally:
         if server is not None:
             server.stop()
-    result.timeline = dashboard.data(shared(settings.resolved_monitoring_uri), settings.window,
-                                     settings.promotion_margin)
+    result.timeline = dashboard.data(shared(settings.resolved_monitoring_uri), settings)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -303,11 +302,10 @@ def timeline_rows(result: LoopResult) -> list[dict]:
     alerts = Counter(a["window_start"][:10] for a in result.timeline["alerts"])
     decided: dict[str, list[str]] = {}
     for d in result.timeline["decisions"]:
-        start = d["event_time"][:10]
         # A guard's outcome concerns the new champion; an experiment's, the challenger.
         version = d.get("champion_version") if d["action"] in ("guard", "passed", "rolled_back") \
             else d.get("challenger_version")
-        decided.setdefault(start, []).append(d["action"] + (f" v{version}" if version else ""))
+        decided.setdefault(d["window"].split()[-1], []).append(d["action"] + (f" v{version}" if version else ""))
     rows = []
     for window, versions in result.served.items():
         start = window.split()[-1]
@@ -319,7 +317,7 @@ def timeline_rows(result: LoopResult) -> list[dict]:
                      "od_drift": figures.get("od_drift"), "rmse": figures.get("rmse"),
                      "rmse_ratio": figures.get("rmse_ratio"), "alerts": alerts.get(start, 0),
                      "experiment": _running_in(result.timeline.get("experiments", []), start, end),
-                     "decisions": "; ".join(decided.get(end, []))})
+                     "decisions": "; ".join(decided.get(start, []))})
     return rows
 
 

@@ -48,18 +48,18 @@ def measure_window(window: Window, settings: Settings) -> list[dict]:
 @flow(name="monitor")
 def monitor_flow(window: str | None = None, since: str | None = None, until: str | None = None,
                  automate: bool | None = None) -> dict[str, Any]:
-    """Measure every window overlapping [since, until) (default: the last four windows of the log), fire
-    alerts, and apply the automation policy to them."""
+    """Measure every window overlapping [since, until) (default: the last four windows of the log's bulk, so
+    a few stray rides after it do not move the period), fire alerts, and apply the automation policy to them."""
     settings = load_settings()
     require_registry(settings)
     kind = window or settings.window
     engine = shared(settings.resolved_monitoring_uri)
-    span = logged_span(engine)
+    span = logged_span(engine, kind, settings.min_window_rows)
     if span is None:
         return {"windows": [], "alerts": [], "decision": None, "note": "the prediction log is empty"}
-    until_t = _parse(until) or span[1] + timedelta(microseconds=1)
+    until_t = _parse(until) or span.bulk_last + timedelta(microseconds=1)
     last = window_of(kind, until_t)
-    since_t = _parse(since) or max(span[0], last.start - 3 * (last.end - last.start))
+    since_t = _parse(since) or max(span.first, last.start - 3 * (last.end - last.start))
     windows = windows_between(kind, since_t, until_t)
     measured = {str(w): measure_window(w, settings) for w in windows}
     fired = alerts.evaluate_rules(engine, windows, settings)
@@ -75,7 +75,9 @@ def monitor_flow(window: str | None = None, since: str | None = None, until: str
                                                           and figure["model_version"] == r["model_version"]}
                                      for r in rows}}
                         for name, rows in measured.items()],
-            "alerts": [a["message"] for a in fired], "decision": decision, "experiment": looked}
+            "alerts": [a["message"] for a in fired], "decision": decision, "experiment": looked,
+            "alerted": sorted({str(Window(kind, a["window_start"], a["window_end"])) for a in fired}),
+            "note": None if until else span.left_out(kind)}
 
 
 @task(cache_policy=NONE)
@@ -93,7 +95,7 @@ def automate_flow_step(fired: list[dict], settings: Settings, now: datetime | No
     champion = Registry(settings).current(CHAMPION)
     # Alerts about a version that no longer serves say nothing about the champion.
     current = [a for a in fired if a["model_version"] == champion]
-    plan = policy.plan_retrain(engine, current or fired, settings)
+    plan = policy.plan_retrain(engine, current or fired, settings, now)
     if not current:
         plan = dataclasses.replace(plan, go=False, reason=f"the alerts concern version(s) "
                                    f"{', '.join(sorted({a['model_version'] for a in fired}))}, not the champion "

@@ -78,7 +78,8 @@ def evaluate_rules(engine: Engine, windows: list[Window], settings: Settings) ->
 def _alert(rule: Rule, row, settings: Settings) -> dict:
     streak = f" for {settings.alert_windows} windows" if settings.alert_windows > 1 else ""
     message = (f"{rule.name}: {rule.describes} {row['value']:.3f} >= {row['threshold']:.3f}{streak} "
-               f"({row['kind']} of {row['window_start']:%Y-%m-%d}, model version {row['model_version']})")
+               f"({Window(row['kind'], row['window_start'], row['window_end'])}, model version "
+               f"{row['model_version']})")
     return {"rule": rule.name, "kind": row["kind"], "window_start": row["window_start"],
             "window_end": row["window_end"], "model_version": row["model_version"], "metric": rule.metric,
             "value": row["value"], "threshold": row["threshold"], "message": message,

@@ -17,16 +17,20 @@ from plotly.subplots import make_subplots
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
+from tripcast.config import Settings
 from tripcast.monitoring import experiments
+from tripcast.monitoring.windows import window_ending
 from tripcast.store import alerts, decisions, jsonable, window_metrics
 
 PLOTLY_JS = Path(go.__file__).resolve().parents[1] / "package_data" / "plotly.min.js"
 LATEST_METRICS = ("drift_share", "prediction_drift", "od_drift", "rmse", "rmse_ratio", "rows", "labelled_rows")
 
 
-def data(engine: Engine, kind: str, margin: float | None = None) -> dict:
-    """Windows (one row per window and version, a column per metric), alerts, decisions, report files; the
-    experiments with each of their looks (and the promotion margin they are held to)."""
+def data(engine: Engine, settings: Settings) -> dict:
+    """Windows (one row per window and version, a column per metric; ``measured``: enough rides for figures),
+    alerts, decisions, report files; the experiments with each of their looks (and the promotion margin they
+    are held to); the range shown by default (the windows large enough to measure) and the rides outside it."""
+    kind, min_rows = settings.window, settings.min_window_rows
     with engine.connect() as conn:
         metrics = pd.DataFrame(conn.execute(select(window_metrics).where(window_metrics.c.kind == kind)
                                             .order_by(window_metrics.c.window_start)).mappings().all())
@@ -35,18 +39,35 @@ def data(engine: Engine, kind: str, margin: float | None = None) -> dict:
         decided = conn.execute(select(decisions).order_by(decisions.c.event_time, decisions.c.id)).mappings().all()
     windows: list[dict] = []
     thresholds: dict[str, float] = {}
+    shown: dict = {"range": None, "outside_rides": 0, "outside_windows": 0}
     if not metrics.empty:
         keys = ["window_start", "window_end", "model_version"]
         wide = metrics.pivot_table(index=keys, columns="metric", values="value", aggfunc="last").reset_index()
         reports = metrics.dropna(subset=["report"]).drop_duplicates(keys).set_index(keys)["report"]
         wide["report"] = [reports.get(tuple(k)) for k in wide[keys].itertuples(index=False)]
+        wide["measured"] = wide["rows"] >= min_rows
+        shown = _default_range(wide, min_rows)
         wide = wide.astype(object).where(wide.notna(), None)
         windows = [jsonable(row) for row in wide.to_dict("records")]
         thresholds = (metrics.dropna(subset=["threshold"]).groupby("metric")["threshold"].last().to_dict())
-    return {"kind": kind, "windows": windows, "thresholds": thresholds,
+    return {"kind": kind, "min_rows": min_rows, "windows": windows, "thresholds": thresholds, **shown,
             "alerts": [jsonable(a) for a in fired],
-            "decisions": [jsonable(d, leave_out=("data",)) for d in decided],
-            "experiments": experiments.status(engine), "looks": experiments.looks(engine), "margin": margin}
+            "decisions": [jsonable(d, leave_out=("data",)) | {"window": str(window_ending(kind, d["event_time"]))}
+                          for d in decided],
+            "experiments": experiments.status(engine), "looks": experiments.looks(engine),
+            "margin": settings.promotion_margin}
+
+
+def _default_range(wide: pd.DataFrame, min_rows: int) -> dict:
+    """From the first to the last window of at least ``min_rows`` rides (all windows if none is), and what
+    lies outside: a stray live ride must not squeeze a replayed year into a sliver of the time axis."""
+    totals = wide.groupby(["window_start", "window_end"])["rows"].sum().reset_index()
+    large = totals[totals["rows"] >= min_rows]
+    inside = large if not large.empty else totals
+    start, end = inside["window_start"].min(), inside["window_end"].max()
+    outside = totals[(totals["window_start"] < start) | (totals["window_start"] >= end)]
+    return {"range": [pd.Timestamp(start).isoformat(), pd.Timestamp(end).isoformat()],
+            "outside_rides": int(outside["rows"].sum()), "outside_windows": len(outside)}
 
 
 def figure(content: dict) -> go.Figure:
@@ -82,11 +103,17 @@ def figure(content: dict) -> go.Figure:
     for alert in content["alerts"]:
         fig.add_vline(x=pd.Timestamp(alert["window_start"]).timestamp() * 1000, row=1, col=1,
                       line={"color": "orange", "width": 1})
-    for decision in content["decisions"]:
+    for decision in content["decisions"]:  # at the window it followed, like its alerts and figures
         if decision["action"] in ("promoted", "rejected"):
-            fig.add_vline(x=pd.Timestamp(decision["event_time"]).timestamp() * 1000,
+            fig.add_vline(x=_window_start(content["kind"], decision["event_time"]).timestamp() * 1000,
                           line={"color": "green" if decision["action"] == "promoted" else "red", "width": 2})
     fig.update_layout(height=1150, barmode="stack", legend={"orientation": "h"}, margin={"t": 40, "l": 50, "r": 20})
+    if content.get("range"):  # the measurable windows; the slider under the charts reaches every window
+        start, end = (pd.Timestamp(t) for t in content["range"])
+        pad = (end - start) / 50
+        fig.update_xaxes(range=[start - pad, end + pad])
+        everything = [frame["window_start"].min() - pad, pd.to_datetime(frame["window_end"]).max() + pad]
+        fig.update_xaxes(rangeslider={"visible": True, "thickness": 0.04, "range": everything}, row=4, col=1)
     return fig
 
 
@@ -96,7 +123,7 @@ def _experiments(fig: go.Figure, content: dict) -> None:
     looks = pd.DataFrame(content.get("looks", []))
     if looks.empty:
         return
-    looks["event_time"] = pd.to_datetime(looks["event_time"])
+    looks["event_time"] = [_window_start(content["kind"], t) for t in looks["event_time"]]
     for experiment_id, part in looks.groupby("experiment_id", sort=True):
         about = described.get(experiment_id, {})
         if about.get("kind") == "guard":
@@ -122,13 +149,17 @@ def _experiments(fig: go.Figure, content: dict) -> None:
 
 def page(content: dict, report_base: str = "/dashboard/reports/", plotly_src: str = "/dashboard/plotly.js") -> str:
     fig = figure(content)
+    too_few = (f"<td colspan='3' class='sparse'>too few rides to measure (fewer than "
+               f"{content.get('min_rows', 0):,})</td>")
     rows = "".join(
         f"<tr><td>{html.escape(str(w['window_start'])[:10])}</td><td>v{html.escape(str(w['model_version']))}</td>"
-        f"<td>{_fmt(w.get('rows'), 0)}</td><td>{_fmt(w.get('drift_share'))}</td><td>{_fmt(w.get('od_drift'))}</td>"
-        f"<td>{_fmt(w.get('rmse'))}</td><td>{_link(report_base, w.get('report'))}</td></tr>"
+        f"<td>{_fmt(w.get('rows'), 0)}</td>"
+        + (f"<td>{_fmt(w.get('drift_share'))}</td><td>{_fmt(w.get('od_drift'))}</td><td>{_fmt(w.get('rmse'))}</td>"
+           if w.get("measured", True) else too_few)
+        + f"<td>{_link(report_base, w.get('report'))}</td></tr>"
         for w in reversed(content["windows"]))
     alert_rows = "".join(f"<li>{html.escape(a['message'])}{_delivery(a)}</li>" for a in reversed(content["alerts"]))
-    decision_rows = "".join(f"<li><b>{html.escape(d['action'])}</b> {html.escape(str(d['event_time'])[:16])}: "
+    decision_rows = "".join(f"<li>{html.escape(d['window'])}: <b>{html.escape(d['action'])}</b>: "
                             f"{html.escape(d['reason'])}</li>" for d in reversed(content["decisions"]))
     experiment_rows = "".join(
         f"<tr><td>{e['id']}</td><td>{html.escape(e['kind'])}</td><td>{html.escape(e['mode'])}</td>"
@@ -141,8 +172,10 @@ def page(content: dict, report_base: str = "/dashboard/reports/", plotly_src: st
 <html lang="en"><head><meta charset="utf-8"><title>tripcast monitoring</title>
 <script src="{plotly_src}"></script>
 <style>body{{font-family:system-ui,sans-serif;margin:1.5em;color:#222}} table{{border-collapse:collapse}}
-td,th{{padding:.2em .7em;border-bottom:1px solid #ddd;text-align:right}} h2{{margin-top:1.5em}}</style></head>
+td,th{{padding:.2em .7em;border-bottom:1px solid #ddd;text-align:right}} h2{{margin-top:1.5em}}
+td.sparse,#range{{color:#777}}</style></head>
 <body><h1>tripcast monitoring ({html.escape(content['kind'])} windows)</h1>
+<p id="range">{_range_note(content)}</p>
 <div id="charts" style="width:100%"></div>
 <script id="dashboard-data" type="application/json">{_script_json(content)}</script>
 <script>const fig = {fig.to_json()};
@@ -154,6 +187,21 @@ Plotly.newPlot("charts", fig.data, fig.layout, {{responsive: true}});</script>
 <h2>Alerts</h2><ul id="alerts">{alert_rows or '<li>none yet</li>'}</ul>
 <h2>Windows</h2><table id="windows"><tr><th>window</th><th>version</th><th>rides</th><th>drift share</th>
 <th>zone-pair drift</th><th>RMSE</th><th>report</th></tr>{rows}</table></body></html>"""
+
+
+def _window_start(kind: str, event_time: str) -> pd.Timestamp:
+    return pd.Timestamp(window_ending(kind, pd.Timestamp(event_time).to_pydatetime()).start)
+
+
+def _range_note(content: dict) -> str:
+    if not content.get("range"):
+        return "No window measured yet: run <code>tripcast monitor</code> once predictions are logged."
+    start, end = (str(t)[:10] for t in content["range"])
+    note = f"Showing {start} to {end}: the {content['kind']}s with at least {content['min_rows']:,} rides."
+    if content.get("outside_rides"):
+        note += (f" {content['outside_rides']:,} ride(s) in {content['outside_windows']} smaller {content['kind']}(s)"
+                 " lie outside; drag the slider under the charts, or double-click a chart, to see them.")
+    return html.escape(note)
 
 
 def _delivery(alert: dict) -> str:
@@ -176,11 +224,13 @@ def _script_json(content: dict) -> str:
     return json.dumps(content).replace("</", "<\\/")  # cannot close the script element early
 
 
-def latest(engine: Engine, kind: str) -> list[dict]:
-    """The newest window's figures, per version (for Prometheus)."""
+def latest(engine: Engine, kind: str, min_rows: int = 1) -> list[dict]:
+    """The figures of the newest window of at least ``min_rows`` rides (for one version), per version (for
+    Prometheus): a stray ride in a later window must not blank the gauges."""
+    m = window_metrics.c
     with engine.connect() as conn:
-        newest = conn.execute(select(window_metrics.c.window_start).where(window_metrics.c.kind == kind)
-                              .order_by(window_metrics.c.window_start.desc()).limit(1)).scalar()
+        newest = conn.execute(select(m.window_start).where(m.kind == kind, m.metric == "rows", m.value >= min_rows)
+                              .order_by(m.window_start.desc()).limit(1)).scalar()
         if newest is None:
             return []
         return [dict(r) for r in conn.execute(

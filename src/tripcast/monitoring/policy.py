@@ -16,7 +16,7 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.engine import Engine
 
 from tripcast.config import Settings
-from tripcast.monitoring.windows import Window, window_of
+from tripcast.monitoring.windows import Window, window_ending, window_of
 from tripcast.store import decisions, jsonable, labels, predictions, window_metrics
 
 RETRAINED = ("promoted", "rejected", "experiment")  # outcomes of a retrain (experiments' own have no rows)
@@ -57,12 +57,13 @@ def _onset(conn, alert: dict) -> datetime:
     return onset
 
 
-def plan_retrain(engine: Engine, fired: list[dict], settings: Settings) -> RetrainPlan:
-    """Whether the alerts in ``fired`` may start a retrain now, and with which data: labelled rides since the
-    change began (the first breached window of the alert's run), at most ``retrain_lookback_days`` of them,
-    before the latest labelled window, which is kept for the evaluation."""
+def plan_retrain(engine: Engine, fired: list[dict], settings: Settings, now: datetime | None = None) -> RetrainPlan:
+    """Whether the alerts in ``fired`` may start a retrain ``now`` (the event time monitoring reached; default:
+    the end of the newest alerted window), and with which data: labelled rides since the change began (the
+    first breached window of the alert's run), at most ``retrain_lookback_days`` of them, before the latest
+    labelled window, which is kept for the evaluation."""
     trigger = "; ".join(a["message"] for a in fired)
-    event_time = max(a["window_end"] for a in fired)
+    event_time = now or max(a["window_end"] for a in fired)
     kind = fired[0]["kind"]
     plan = dict(trigger=trigger, event_time=event_time)
     with engine.connect() as conn:
@@ -72,8 +73,8 @@ def plan_retrain(engine: Engine, fired: list[dict], settings: Settings) -> Retra
             decisions.c.event_time <= event_time)).order_by(decisions.c.event_time)).scalars().all()
         cooldown = timedelta(days=settings.retrain_cooldown_days)
         if retrains and event_time - retrains[-1] < cooldown:
-            return RetrainPlan(False, f"cooldown: last retrain at {retrains[-1]:%Y-%m-%d %H:%M}, next one allowed "
-                                      f"from {retrains[-1] + cooldown:%Y-%m-%d %H:%M}", **plan)
+            return RetrainPlan(False, f"cooldown: last retrain after {window_ending(kind, retrains[-1])}, next one "
+                                      f"allowed from {retrains[-1] + cooldown:%Y-%m-%d %H:%M}", **plan)
         if len(retrains) >= settings.retrain_max:
             return RetrainPlan(False, f"retrain cap: {len(retrains)} retrains in the last "
                                       f"{settings.retrain_period_days:g} days (max {settings.retrain_max})", **plan)
@@ -98,10 +99,15 @@ def plan_retrain(engine: Engine, fired: list[dict], settings: Settings) -> Retra
         train_rows = _labelled_count(conn, train_start, evaluation.start) if train_start < evaluation.start else 0
     plan |= dict(train_start=train_start, train_end=evaluation.start, eval_start=evaluation.start,
                  eval_end=evaluation.end, train_rows=train_rows, eval_rows=eval_rows)
+    began = window_of(kind, onset)
+    if train_start >= evaluation.start:
+        when = "the newest labelled" if began == evaluation else f"{began}, after the newest labelled"
+        return RetrainPlan(False, f"deferred: the change began in {when} {kind} ({evaluation}, kept for the "
+                                  f"evaluation): no labelled rides of it to train on yet", **plan)
     if train_rows < settings.retrain_min_rows:
-        return RetrainPlan(False, f"deferred: {train_rows:,} labelled rides since the change began "
-                                  f"({train_start:%Y-%m-%d}) and before the evaluation window "
-                                  f"({evaluation.start:%Y-%m-%d}), fewer than {settings.retrain_min_rows:,}", **plan)
+        return RetrainPlan(False, f"deferred: {train_rows:,} labelled rides from {began} (when the change began) "
+                                  f"to {evaluation} (kept for the evaluation), fewer than "
+                                  f"{settings.retrain_min_rows:,}", **plan)
     return RetrainPlan(True, f"retrain on {train_rows:,} labelled rides, evaluate on {eval_rows:,}", **plan)
 
 

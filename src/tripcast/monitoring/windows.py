@@ -23,9 +23,8 @@ from sqlalchemy.engine import Engine
 
 from tripcast.config import ConfigError, Settings
 from tripcast.features import TARGET, zone_pair
-from tripcast.files import atomic_path
 from tripcast.metrics import regression_metrics
-from tripcast.monitoring import stats
+from tripcast.monitoring import reports, stats
 from tripcast.registry import Registry
 from tripcast.store import labels, predictions, upsert, window_metrics
 
@@ -57,6 +56,12 @@ def window_of(kind: str, moment: datetime) -> Window:
     if kind == "week":
         start -= timedelta(days=start.weekday())
     return Window(kind, start, start + LENGTHS[kind])
+
+
+def window_ending(kind: str, moment: datetime) -> Window:
+    """The window an event at ``moment`` belongs to: monitoring acts after a window, at its end, so an event at
+    a window's end is that window's (alerts, decisions, looks and the loop's lines all name it so)."""
+    return window_of(kind, moment - timedelta(microseconds=1))
 
 
 def windows_between(kind: str, since: datetime, until: datetime) -> list[Window]:
@@ -208,8 +213,7 @@ def drift_report(current: pd.DataFrame, reference: pd.DataFrame, settings: Setti
             column = config["column"]
             values["prediction_drift" if column == "prediction" else f"drift_{column}"] = float(metric["value"])
     if html is not None:
-        with atomic_path(html) as tmp:
-            snapshot.save_html(str(tmp))
+        reports.save(snapshot, html)
     return values
 
 
@@ -273,13 +277,14 @@ def compute_window(engine: Engine, registry: Registry, window: Window, settings:
     computed_at = datetime.now(UTC).replace(tzinfo=None)
     expected = expected_rows(engine, window)
     rows: list[dict] = []
+    folder = settings.home / "reports"
     for version, part in frame.groupby("model_version", sort=True):
         reference = load_reference(registry, str(version), settings)
-        report = settings.home / "reports" / f"{window.kind}-{window.start:%Y-%m-%d}-v{version}.html"
-        measured = measure(part, reference, settings, report)
+        report = folder / f"{window.kind}-{window.start:%Y-%m-%d}-v{version}.html"
+        measured = measure(part, reference, settings, report if settings.reports_keep else None)
         if expected:  # traffic of the whole window against the usual
             measured.append(("rows_vs_expected", len(frame) / expected, None, None))
-        has_report = any(m == "drift_share" for m, *_ in measured)
+        has_report = settings.reports_keep > 0 and any(m == "drift_share" for m, *_ in measured)
         rows += [{"kind": window.kind, "window_start": window.start, "window_end": window.end,
                   "model_version": str(version), "metric": metric, "value": value, "threshold": threshold,
                   "breached": breached, "computed_at": computed_at,
@@ -287,12 +292,48 @@ def compute_window(engine: Engine, registry: Registry, window: Window, settings:
                  for metric, value, threshold, breached in measured]
     with engine.begin() as conn:
         upsert(conn, window_metrics, rows, ["kind", "window_start", "model_version", "metric"])
+    if settings.reports_keep and folder.is_dir():
+        reports.prune(engine, folder, settings.reports_keep)
     return rows
 
 
-def logged_span(engine: Engine) -> tuple[datetime, datetime] | None:
-    """First and last pickup in the prediction log."""
+@dataclass(frozen=True)
+class LoggedSpan:
+    """The prediction log's extent in event time, and where its bulk ends: a stray live ride (the README's
+    /predict example is stamped now) must not move monitoring from a replayed year to empty weeks of today."""
+
+    first: datetime
+    last: datetime
+    bulk_last: datetime  # the newest pickup in a window of at least ``min_rows`` rides
+    after_bulk: int  # rides logged after it, in smaller windows
+
+    def left_out(self, kind: str) -> str | None:
+        """A line for the user when the default period leaves rides out, else None."""
+        if not self.after_bulk:
+            return None
+        return (f"{self.after_bulk:,} ride(s) after {window_of(kind, self.bulk_last)} are in {kind}s too small "
+                f"to measure; pass --until to include them")
+
+
+MAX_SPARSE_WINDOWS = 520  # how far back past sparse windows the bulk is looked for (ten years of weeks)
+
+
+def logged_span(engine: Engine, kind: str = "week", min_rows: int = 1) -> LoggedSpan | None:
+    """First and last pickup in the prediction log, and the last of its bulk: walking back from the newest
+    window, past windows of fewer than ``min_rows`` rides (two indexed queries per window)."""
+    pickup = predictions.c.pickup_datetime
     with engine.connect() as conn:
-        first, last = conn.execute(select(func.min(predictions.c.pickup_datetime),
-                                          func.max(predictions.c.pickup_datetime))).one()
-    return None if first is None else (first, last)
+        first, last = conn.execute(select(func.min(pickup), func.max(pickup))).one()
+        if first is None:
+            return None
+        newest, skipped = last, 0
+        for _ in range(MAX_SPARSE_WINDOWS):
+            window = window_of(kind, newest)
+            rows = conn.execute(select(func.count()).where(pickup >= window.start, pickup < window.end)).scalar_one()
+            if rows >= min_rows:
+                return LoggedSpan(first, last, newest, skipped)
+            skipped += rows
+            newest = conn.execute(select(func.max(pickup)).where(pickup < window.start)).scalar()
+            if newest is None:
+                break
+    return LoggedSpan(first, last, last, 0)  # no window is large enough: the whole log it is

@@ -46,7 +46,9 @@ from tripcast.serving.scoring import NoModelError, Scorer
 from tripcast.serving.traffic import TrafficFollower, TrafficPolicy
 from tripcast.store import record_labels, shared
 
-REPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}\.html")  # as monitoring names its reports
+# As monitoring names its reports, and the script and font they share.
+REPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}\.(html|js|woff2)")
+REPORT_TYPES = {"html": "text/html", "js": "application/javascript", "woff2": "font/woff2"}
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's setting: where worker processes share metrics
 RELOAD_SIGNAL = "TRIPCAST_RELOAD_SIGNAL"  # a file the workers of one `tripcast serve` share (AliasWatcher)
 
@@ -362,7 +364,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def prometheus() -> Response:
         publish()
         try:
-            latest = await run_in_threadpool(lambda: dashboard.latest(shared(store_url), settings.window))
+            latest = await run_in_threadpool(lambda: dashboard.latest(shared(store_url), settings.window,
+                                                                        settings.min_window_rows))
             ongoing = await run_in_threadpool(lambda: experiments.current(shared(store_url)))
         except SQLAlchemyError:
             latest, ongoing = [], None
@@ -435,8 +438,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     async def monitoring_data() -> dict:
         try:
-            return await run_in_threadpool(lambda: dashboard.data(shared(store_url), settings.window,
-                                                                  settings.promotion_margin))
+            return await run_in_threadpool(lambda: dashboard.data(shared(store_url), settings))
         except SQLAlchemyError as exc:
             raise HTTPException(503, f"monitoring store unavailable ({type(exc).__name__})") from None
 
@@ -449,6 +451,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Checked before the file system sees it: a NUL byte or a 300-character name made Path raise (a 500).
         if not REPORT_NAME.fullmatch(name) or not (path := settings.home / "reports" / name).is_file():
             raise HTTPException(404, f"no report {name[:100]!r}")
-        return FileResponse(path, media_type="text/html")
+        return FileResponse(path, media_type=REPORT_TYPES[path.suffix[1:]])
 
     return app
