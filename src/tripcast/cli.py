@@ -65,6 +65,7 @@ def _settings(verbose: bool = False) -> Settings:
         # urllib3 says "Retrying ..." before every failed call to an MLflow server, beside tripcast's own warning;
         # psycopg warns of a pipeline it ends after an error that MLflow handled (runs logging one dataset at once).
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial ... tables"
         logging.getLogger("psycopg").setLevel(logging.ERROR)
     return settings
 
@@ -73,12 +74,13 @@ def _ready_for_flows(settings: Settings) -> None:
     """For a command that runs flows on the registry, once its own arguments are checked: the registry must
     answer (one line within TRIPCAST_REGISTRY_WAIT_SECONDS otherwise, before any data is loaded), and Prefect's
     local database is made ready."""
-    from tripcast.flows import start_local_prefect
+    from tripcast.flows import report_progress_to, start_local_prefect
     from tripcast.tracking import require_registry
 
     require_registry(settings)
-    start_local_prefect(Path(os.environ["PREFECT_HOME"]),
-                        (lambda message: err.print(message, highlight=False)) if settings.progress else lambda _: None)
+    say = (lambda message: err.print(message, highlight=False)) if settings.progress else lambda _: None
+    report_progress_to(say)
+    start_local_prefect(Path(os.environ["PREFECT_HOME"]), say)
 
 
 def _fail(message: str) -> None:
@@ -100,7 +102,9 @@ def main() -> None:
     except TripcastError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(2)
-    except interrupts.Interrupted:
+    except BaseException as exc:
+        if isinstance(exc, SystemExit) or not interrupts.caused_by_signal(exc):
+            raise
         # What was in hand has been undone on the way out (no half-written file, no undecided challenger,
         # child processes stopped).
         err.print("interrupted", highlight=False)
@@ -335,7 +339,7 @@ def ui(
     logs = settings.home / "ui"
     logs.mkdir(parents=True, exist_ok=True)
     started = {name: subprocess.Popen(command, stdout=(logs / f"{name.lower()}.log").open("ab"),
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+                                      stderr=subprocess.STDOUT, preexec_fn=interrupts.owned_child)
                for name, (command, _) in wanted.items()}
     try:
         import httpx
@@ -382,7 +386,8 @@ def _group_alive(group: int) -> bool:
 def monitor(
     window: Annotated[str | None, typer.Option(help="day or week (default: TRIPCAST_WINDOW, week).")] = None,
     since: Annotated[str | None, typer.Option(help="ISO date/time, New York time (default: 4 windows back).")] = None,
-    until: Annotated[str | None, typer.Option(help="ISO date/time, exclusive (default: the last logged ride).")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO date/time, exclusive (default: the last logged ride in a "
+                                                   "window large enough to measure).")] = None,
     automate: Annotated[bool | None, typer.Option("--automate/--no-automate",
                                                   help="Let alerts retrain (default: TRIPCAST_AUTOMATE).")] = None,
     verbose: Verbose = False,
@@ -403,7 +408,9 @@ def monitor(
 
     result = monitor_flow(window, since, until, automate)
     if not result["windows"]:
-        out.print(result.get("note", "nothing to monitor"))
+        out.print(result.get("note") or "nothing to monitor")
+    elif result.get("note"):
+        out.print(result["note"], highlight=False)
     table = Table("window", "version", "rides", "drift", "pred", "OD", "RMSE", "/val", box=box.SIMPLE_HEAD)
     for item in result["windows"]:
         for version, figures in sorted(item["figures"].items()):
@@ -468,7 +475,8 @@ def loop(
     _ready_for_flows(settings)
 
     def progress(window, rides: int, outcome: dict) -> None:
-        note = f" alerts {len(outcome['alerts'])}" if outcome["alerts"] else ""
+        alerts = len(outcome["alerts"])
+        note = f"; {alerts} alert{'s' * (alerts > 1)} about {', '.join(outcome['alerted'])}" if alerts else ""
         if outcome["decision"]:
             note += f"; {outcome['decision']['action']}"
         if outcome["experiment"]:
@@ -493,7 +501,7 @@ def loop(
                       _num(row["rmse_ratio"], 2), str(row["alerts"] or ""), row["experiment"], row["decisions"])
     Console(width=max(out.width, 140)).print(table)  # a table cut to 80 columns is unreadable in a log
     for d in result.timeline["decisions"]:
-        out.print(f"{d['event_time'][:10]} {d['action']}: {d['reason']}", highlight=False, soft_wrap=True)
+        out.print(f"{d['window']}: {d['action']}: {d['reason']}", highlight=False, soft_wrap=True)
     path = save_timeline(result, settings.home / "loop" / "timeline.csv")
     out.print(f"{result.sent:,} rides replayed, {result.failed:,} failed, {result.labels_sent:,} labels, "
               f"{result.seconds:.0f} s; timeline in {path}; dashboard: tripcast serve, then /dashboard",
@@ -722,11 +730,11 @@ def experiment_stop(
 
 
 def _experiments_context():
-    """The registry, the monitoring store and the event time now (the newest logged pickup)."""
+    """The registry, the monitoring store and the event time now (the newest pickup of the log's bulk)."""
     from tripcast.monitoring.windows import logged_span
     from tripcast.store import shared
 
     registry = _registry()
     engine = shared(registry.settings.resolved_monitoring_uri)
-    span = logged_span(engine)
-    return registry, engine, span[1] if span else datetime.now()
+    span = logged_span(engine, registry.settings.window, registry.settings.min_window_rows)
+    return registry, engine, span.bulk_last if span else datetime.now()

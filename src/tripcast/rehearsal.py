@@ -9,11 +9,9 @@ fires alerts, and the automation policy retrains, promotes or rejects; the API f
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -91,7 +89,7 @@ class ApiProcess:
         sink = output.open("ab") if output is not None else subprocess.PIPE
         self.process = subprocess.Popen([sys.executable, "-m", "tripcast", "serve", "--port", str(self.port),
                                          "--workers", str(workers)], env=os.environ | env, stdout=sink,
-                                        stderr=subprocess.STDOUT, preexec_fn=_owned_child)
+                                        stderr=subprocess.STDOUT, preexec_fn=interrupts.owned_child)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -112,15 +110,6 @@ class ApiProcess:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
-
-
-def _owned_child() -> None:
-    """In the API's process before it starts: a session of its own, so that a terminal's Ctrl-C reaches only
-    the rehearsal, which stops it in order (else it died under the rehearsal's next request); and SIGTERM if the
-    rehearsal dies without stopping it (Linux), so that it never outlives it."""
-    os.setsid()
-    if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def replay_rides(options: LoopOptions, settings: Settings) -> pd.DataFrame:

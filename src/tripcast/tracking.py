@@ -19,6 +19,7 @@ import tripcast
 from tripcast import locks
 from tripcast.config import Settings
 from tripcast.errors import RegistryUnavailableError
+from tripcast.files import atomic_path
 
 _ready: set[str] = set()  # tracking URIs this process has found answering (and, for databases, created)
 
@@ -57,10 +58,24 @@ def require_registry(settings: Settings) -> None:
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     if not uri.startswith(("http://", "https://", "databricks")):
         with locks.exclusive("mlflow-store", settings, stores=(uri,)):
+            _create_sqlite_store(uri, settings)
             client = mlflow_client(settings)
             client.search_experiments(max_results=1)  # makes the tracking tables, if missing
             client.search_registered_models(max_results=1)  # and the registry's
     _ready.add(uri)
+
+
+def _create_sqlite_store(uri: str, settings: Settings) -> None:
+    """A new SQLite store is migrated beside its path and renamed into place: a Ctrl-C during MLflow's
+    migrations left a half-made database that failed every later command ("duplicate column name: step")."""
+    url = make_url(uri)
+    if url.get_backend_name() != "sqlite" or not url.database or Path(url.database).exists():
+        return
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore  # makes all of MLflow's tables
+
+    settings.mlflow_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(url.database)) as tmp:
+        SqlAlchemyStore(url.set(database=str(tmp)).render_as_string(hide_password=False)).engine.dispose()
 
 
 def _probe(uri: str, timeout: float) -> None:

@@ -7,6 +7,7 @@ and only then renamed into place, so the cache never holds a partial or corrupt 
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from collections.abc import Iterator
@@ -20,11 +21,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import requests
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import RetryCallState, retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from tripcast.config import Settings
 from tripcast.errors import CorruptFileError, DataError, MissingMonthError, SourceUnavailableError
 from tripcast.files import atomic_path
+
+log = logging.getLogger(__name__)
 
 # Raw column names per colour -> canonical names. FHV files have no distance column.
 SCHEMAS: dict[str, dict[str, str]] = {
@@ -147,10 +150,17 @@ class _TransientHTTPError(Exception):
 
 
 def _download(url: str, target: Path, settings: Settings) -> None:
+    def retrying(state: RetryCallState) -> None:  # said at once: offline, the retries took 15-30 s of silence
+        error = state.outcome.exception() if state.outcome else None
+        log.warning("download of %s failed (%s); attempt %d of %d in %.0f s", url.rsplit("/", 1)[-1],
+                    type(error).__name__, state.attempt_number + 1, settings.download_retries,
+                    state.next_action.sleep if state.next_action else 0)
+
     @retry(
         retry=retry_if_exception_type((requests.ConnectionError, requests.Timeout, _TransientHTTPError)),
         stop=stop_after_attempt(max(1, settings.download_retries)),
         wait=wait_exponential(multiplier=settings.download_backoff_seconds, max=30),
+        before_sleep=retrying,
         reraise=True,
     )
     def attempt() -> None:

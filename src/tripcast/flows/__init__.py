@@ -15,7 +15,21 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from tripcast import interrupts
 from tripcast.errors import DataError
+from tripcast.files import atomic_path
+
+_progress: list[Callable[[str], None]] = []
+
+
+def report_progress_to(sink: Callable[[str], None]) -> None:
+    """Where flows say what they are doing, step by step (a command's terminal; nowhere by default)."""
+    _progress[:] = [sink]
+
+
+def say(message: str) -> None:
+    for sink in _progress:
+        sink(message)
 
 
 def retry_unless_data_error(task, task_run, state) -> bool:
@@ -28,8 +42,6 @@ def prepare_local_prefect(home: Path) -> None:
     """Without a Prefect server (PREFECT_API_URL), each run starts Prefect's local one on the database in
     ``home``: migrate that database once, under a file lock, first. Runs sharing a home raced in their
     migrations ("Online migration expected to match one row"), and the loser still exited 0."""
-    if os.environ.get("PREFECT_API_URL"):
-        return
     marker = home / f".tripcast-migrated-{version('prefect')}"
     if marker.exists() and (home / "prefect.db").exists():
         return
@@ -38,8 +50,15 @@ def prepare_local_prefect(home: Path) -> None:
         if marker.exists() and (home / "prefect.db").exists():
             return
         from prefect.server.database import provide_database_interface
+        from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, temporary_settings
 
-        asyncio.run(provide_database_interface().create_db())
+        database = home / "prefect.db"
+        if database.exists() or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"):
+            asyncio.run(provide_database_interface().create_db())  # Prefect's own upgrade of its database
+        else:  # migrated beside its path and renamed into place: a Ctrl-C must not leave half a database
+            with atomic_path(database) as tmp, temporary_settings(
+                    updates={PREFECT_API_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{tmp}"}):
+                asyncio.run(provide_database_interface().create_db())
         marker.touch()
 
 
@@ -52,6 +71,15 @@ def start_local_prefect(home: Path, say: Callable[[str], None] = lambda _: None)
         return
     new = not (home / "prefect.db").exists()
     say("starting Prefect's local server" + (" (making its database: a new home, ~10 s)" if new else ""))
+    # A port the system picks (Prefect draws one of a thousand at random: concurrent commands drew the same, and
+    # one then ran its flows on another's server, refused once that command ended). Its address is in the
+    # environment before Prefect is imported, so that every settings context Prefect makes, in every thread,
+    # has it: a thread without it started an ephemeral server of its own (in the terminal's group, so Ctrl-C
+    # killed it, and the crash report to it was refused and retried for a minute).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     prepare_local_prefect(home)
     import prefect
     from prefect.server.api.server import SubprocessASGIServer
@@ -59,13 +87,13 @@ def start_local_prefect(home: Path, say: Callable[[str], None] = lambda _: None)
 
     class OwnSession(SubprocessASGIServer):
         def _run_uvicorn_command(self) -> subprocess.Popen:
-            # Prefect's command (SubprocessASGIServer._run_uvicorn_command), started in a new session.
+            # Prefect's command (SubprocessASGIServer._run_uvicorn_command), started as our own child.
             return subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
                  "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
                  "--log-level", "error", "--lifespan", "on"],
                 env=os.environ | {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                                  "PREFECT__SERVER_FINAL": "1"}, start_new_session=True)
+                                  "PREFECT__SERVER_FINAL": "1"}, preexec_fn=interrupts.owned_child)
 
         def stop(self) -> None:
             # Its runs' states are committed as they change: waiting out open keep-alive connections (Prefect
@@ -78,13 +106,7 @@ def start_local_prefect(home: Path, say: Callable[[str], None] = lambda _: None)
                     self.server_process.kill()
             super().stop()
 
-    # A port the system picks (Prefect draws one of a thousand at random: concurrent commands drew the same, and
-    # one then ran its flows on another's server, refused once that command ended).
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     server = OwnSession(port)
     server.start()
     atexit.register(server.stop)
-    temporary_settings(updates={PREFECT_API_URL: server.api_url}).__enter__()  # for the rest of the command
-
+    temporary_settings(updates={PREFECT_API_URL: server.api_url}).__enter__()  # if Prefect was imported earlier

@@ -14,7 +14,7 @@ from prefect.cache_policies import NONE
 from tripcast import interrupts, promotion, training
 from tripcast.config import Settings, load_settings
 from tripcast.data import tlc
-from tripcast.flows import retry_unless_data_error
+from tripcast.flows import retry_unless_data_error, say
 from tripcast.models import DEFAULT_FAMILY
 from tripcast.registry import CHALLENGER, CHAMPION, Registry
 from tripcast.tracking import require_registry
@@ -147,8 +147,13 @@ def quickstart_flow(color: str = "green", train_month: str = "2021-01", val_mont
     champion is then scored on a third month."""
     runs = []
     for model in ("baseline", "linear", DEFAULT_FAMILY):
+        say(f"{model}: training on {color} {train_month}, validating on {val_month}")
         runs.append(train_flow(color, train_month, val_month, model))
+        run = runs[-1]
+        say(f"{model}: version {run['version']}, {'promoted' if run['promoted'] else 'rejected'} "
+            f"(RMSE {run['challenger_rmse']:.3f})")
         interrupts.check()
+    say(f"testing the champion on {color} {test_month}")
     test = evaluate_flow(color, test_month, CHAMPION)
     interrupts.check()
     return {"runs": runs, "test": test}
