@@ -37,10 +37,11 @@ def _interrupt(number: int, _frame: object) -> None:
 def caused_by_signal(error: BaseException) -> bool:
     """Whether ``error`` followed from a Ctrl-C or SIGTERM: ours, or Prefect's (its handler takes SIGTERM
     during a flow run), or an error that one left behind (a crash report that failed on the way out)."""
+    if _requested.is_set():
+        return True
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
-        if _requested.is_set() or isinstance(error, Interrupted | KeyboardInterrupt) \
-                or type(error).__name__ == "TerminationSignal":
+        if isinstance(error, Interrupted | KeyboardInterrupt) or type(error).__name__ == "TerminationSignal":
             return True
         seen.add(id(error))
         error = error.__cause__ or error.__context__

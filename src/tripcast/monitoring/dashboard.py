@@ -45,8 +45,9 @@ def data(engine: Engine, settings: Settings) -> dict:
         wide = metrics.pivot_table(index=keys, columns="metric", values="value", aggfunc="last").reset_index()
         reports = metrics.dropna(subset=["report"]).drop_duplicates(keys).set_index(keys)["report"]
         wide["report"] = [reports.get(tuple(k)) for k in wide[keys].itertuples(index=False)]
-        wide["measured"] = wide["rows"] >= min_rows
-        shown = _default_range(wide, min_rows)
+        # Measured: monitoring found enough rides for figures (measure() decides; here its outcome is read).
+        wide["measured"] = wide["drift_share"].notna() if "drift_share" in wide else False
+        shown = _default_range(wide)
         wide = wide.astype(object).where(wide.notna(), None)
         windows = [jsonable(row) for row in wide.to_dict("records")]
         thresholds = (metrics.dropna(subset=["threshold"]).groupby("metric")["threshold"].last().to_dict())
@@ -58,12 +59,12 @@ def data(engine: Engine, settings: Settings) -> dict:
             "margin": settings.promotion_margin}
 
 
-def _default_range(wide: pd.DataFrame, min_rows: int) -> dict:
-    """From the first to the last window of at least ``min_rows`` rides (all windows if none is), and what
-    lies outside: a stray live ride must not squeeze a replayed year into a sliver of the time axis."""
-    totals = wide.groupby(["window_start", "window_end"])["rows"].sum().reset_index()
-    large = totals[totals["rows"] >= min_rows]
-    inside = large if not large.empty else totals
+def _default_range(wide: pd.DataFrame) -> dict:
+    """From the first to the last measured window (all windows if none is), and what lies outside: a stray
+    live ride must not squeeze a replayed year into a sliver of the time axis."""
+    totals = wide.groupby(["window_start", "window_end"]).agg(rows=("rows", "sum"), measured=("measured", "any"))
+    totals = totals.reset_index()
+    inside = totals[totals["measured"]] if totals["measured"].any() else totals
     start, end = inside["window_start"].min(), inside["window_end"].max()
     outside = totals[(totals["window_start"] < start) | (totals["window_start"] >= end)]
     return {"range": [pd.Timestamp(start).isoformat(), pd.Timestamp(end).isoformat()],
@@ -224,12 +225,12 @@ def _script_json(content: dict) -> str:
     return json.dumps(content).replace("</", "<\\/")  # cannot close the script element early
 
 
-def latest(engine: Engine, kind: str, min_rows: int = 1) -> list[dict]:
-    """The figures of the newest window of at least ``min_rows`` rides (for one version), per version (for
-    Prometheus): a stray ride in a later window must not blank the gauges."""
+def latest(engine: Engine, kind: str) -> list[dict]:
+    """The newest measured window's figures, per version (for Prometheus): a stray ride in a later, too small
+    window must not blank the gauges."""
     m = window_metrics.c
     with engine.connect() as conn:
-        newest = conn.execute(select(m.window_start).where(m.kind == kind, m.metric == "rows", m.value >= min_rows)
+        newest = conn.execute(select(m.window_start).where(m.kind == kind, m.metric == "drift_share")
                               .order_by(m.window_start.desc()).limit(1)).scalar()
         if newest is None:
             return []

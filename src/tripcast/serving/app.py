@@ -364,8 +364,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def prometheus() -> Response:
         publish()
         try:
-            latest = await run_in_threadpool(lambda: dashboard.latest(shared(store_url), settings.window,
-                                                                        settings.min_window_rows))
+            latest = await run_in_threadpool(lambda: dashboard.latest(shared(store_url), settings.window))
             ongoing = await run_in_threadpool(lambda: experiments.current(shared(store_url)))
         except SQLAlchemyError:
             latest, ongoing = [], None
