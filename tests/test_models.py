@@ -118,6 +118,47 @@ def test_one_ride_alone_predicts_what_the_batch_predicts(green_2021, name: str) 
     assert singles == pipeline.predict(rides).tolist()
 
 
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_a_small_frame_takes_the_single_row_path_with_the_vectorised_figures(green_2021, name: str) -> None:
+    """What an MLflow-compatible server sends per request (a frame of one or a few rides, pickup times as
+    timestamps, ISO text with or without an offset, missing, zones as floats) predicts what the vectorised
+    path predicts for the same frame."""
+    train_x, train_y, _ = green_2021["2021-01"]
+    _, _, val_rides = green_2021["2021-02"]
+    params = {"n_estimators": 30} if name == "lightgbm" else {}
+    pipeline = TripDurationPipeline(name, build(name, **params).fit(train_x, train_y))
+    rides = val_rides.sample(8, random_state=5)[["PULocationID", "DOLocationID", "trip_distance", "pickup_datetime"]]
+    text = rides.assign(pickup_datetime=[t.isoformat() for t in rides.pickup_datetime])
+    aware = rides.assign(pickup_datetime=[t.tz_localize("America/New_York").tz_convert("UTC").isoformat()
+                                          for t in rides.pickup_datetime])
+    floats = rides.astype({"PULocationID": float, "DOLocationID": float})
+    for frame in (rides, text, aware, floats, rides.head(1), text.head(3)):
+        assert pipeline.preprocessor.rows(frame) is not None
+        vectorised = pipeline.predict_features(pipeline.preprocessor.transform(frame))
+        assert pipeline.predict(frame).tolist() == vectorised.tolist()
+    assert pipeline.predict(text).tolist() == pipeline.predict(rides).tolist()
+    assert pipeline.predict(aware).tolist() == pipeline.predict(rides).tolist()
+    now = rides.drop(columns="pickup_datetime").head(2)  # picked up now: same hour either way (bar a tick)
+    assert np.allclose(pipeline.predict(now), pipeline.predict_features(pipeline.preprocessor.transform(now)))
+    assert pipeline.preprocessor.rows(rides.assign(trip_distance=[None] * 8)) is None  # left to pandas
+
+
+def test_compiled_trees_predict_lightgbm_s_figures_and_a_damaged_compilation_is_rebuilt(green_2021,
+                                                                                        tmp_path: Path) -> None:
+    train_x, train_y, _ = green_2021["2021-01"]
+    _, _, val_rides = green_2021["2021-02"]
+    pipeline = TripDurationPipeline("lightgbm", build("lightgbm", n_estimators=30).fit(train_x, train_y))
+    expected = pipeline.predict(val_rides).tolist()  # LightGBM's own predict
+    assert pipeline.compile(tmp_path) and pipeline.estimator._compiled is not None
+    assert pipeline.predict(val_rides).tolist() == expected
+    (library,) = tmp_path.glob("*.so")
+    library.write_bytes(library.read_bytes()[:5000])  # loaded as it is, LLVM would abort the process
+    assert pipeline.compile(tmp_path) and pipeline.predict(val_rides).tolist() == expected
+    assert len(library.read_bytes()) > 5000  # rebuilt
+    linear = TripDurationPipeline("linear", build("linear").fit(train_x, train_y))
+    assert not linear.compile(tmp_path)  # nothing to compile: its own predict
+
+
 def test_lightgbm_models_saved_before_pair_statistics_still_load(green_2021, tmp_path: Path) -> None:
     """Rollback must reach versions registered by tripcast 0.1 (five features, no pair statistics)."""
     import lightgbm as lgb

@@ -391,7 +391,7 @@ def test_ride_columns_take_pickups_as_new_york_time() -> None:
         {"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.5, "pickup_datetime": "2021-03-01T08:00:00"},
         {"PULocationID": 3, "DOLocationID": 4, "trip_distance": 0, "pickup_datetime": "2021-03-01T13:00:00Z"},
         {"PULocationID": 5, "DOLocationID": 6, "trip_distance": 2, "ride_id": "mine"})]
-    columns = RideColumns(rides)
+    columns = RideColumns.from_rides(rides)
     assert columns.pickup[:2].tolist() == [datetime(2021, 3, 1, 8), datetime(2021, 3, 1, 8)]  # 13:00 UTC = 08:00
     assert abs(pd.Timestamp(columns.pickup[2]) - pd.Timestamp.now(tz="America/New_York").tz_localize(None)) \
         < timedelta(seconds=5)

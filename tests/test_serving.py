@@ -35,6 +35,7 @@ from tripcast.store import connect, predictions
 pytestmark = pytest.mark.slow
 TOKEN = "test-admin-token"
 COURSE_RIDE = {"PULocationID": 10, "DOLocationID": 50, "trip_distance": 40}
+HERE = Path(__file__).parent
 
 
 
@@ -464,9 +465,17 @@ def test_ab_split_is_sticky_and_weighted(world: dict) -> None:
         first = httpx.post(f"{srv.url}/predict/batch", json={"rides": rides}, timeout=60).json()["predictions"]
         again = httpx.post(f"{srv.url}/predict/batch", json={"rides": rides[:500]}, timeout=60).json()["predictions"]
         singles = [httpx.post(f"{srv.url}/predict", json=r).json() for r in rides[:50]]
+        # The Open Inference Protocol follows the same policy; a version by number takes all the rides.
+        infer = f"{srv.url}/v2/models/{world['settings'].model_name}"
+        v2 = httpx.post(f"{infer}/infer", json=_v2_body(rides[:500]), timeout=60).json()["outputs"]
+        pinned = httpx.post(f"{infer}/versions/{challenger}/infer", json=_v2_body(rides[:20]), timeout=60)
     finally:
         srv.stop()
     arms = [p["arm"] for p in first]
+    assert next(o["data"] for o in v2 if o["name"] == "arm") == arms[:500]
+    pinned_outputs = {o["name"]: o["data"] for o in pinned.json()["outputs"]}
+    assert pinned.json()["model_version"] == challenger and set(pinned_outputs["arm"]) == {"challenger"}
+    assert pinned_outputs["duration"] == [p["duration"] for p in first if p["arm"] == "challenger"][:1] * 20
     share = arms.count("challenger") / len(arms)
     assert abs(share - 0.3) <= 3 * np.sqrt(0.3 * 0.7 / len(arms)), share  # within 3 standard errors
     assert [p["arm"] for p in again] == arms[:500] and [p["arm"] for p in singles] == arms[:50]
@@ -561,11 +570,18 @@ def test_openapi_documents_the_bodies_the_routes_validate(world: dict, server: S
     components = schema["components"]["schemas"]
     for path, name in (("/predict", "Ride"), ("/predict/batch", "RideBatch"), ("/feedback", "LabelBatch")):
         operation = schema["paths"][path]["post"]
-        assert operation["requestBody"]["content"]["application/json"]["schema"] == {
-            "$ref": f"#/components/schemas/{name}"}
+        documented = operation["requestBody"]["content"]["application/json"]["schema"]
+        assert {"$ref": f"#/components/schemas/{name}"} in documented.get("anyOf", [documented])
         assert operation["responses"]["422"]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/HTTPValidationError"}
-    assert {"HTTPValidationError", "ValidationError", "Label"} <= set(components)
+    assert {"HTTPValidationError", "ValidationError", "Label", "ColumnBatch", "RideColumnsBody",
+            "BatchPrediction", "ColumnarBatchPrediction"} <= set(components)
+    batch = schema["paths"]["/predict/batch"]["post"]
+    assert batch["requestBody"]["content"]["application/json"]["schema"]["anyOf"][1] == {
+        "$ref": "#/components/schemas/ColumnBatch"}
+    assert set(batch["requestBody"]["content"]) == {"application/json", "application/vnd.apache.arrow.stream"}
+    assert {"/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer", "/v2/health/ready",
+            "/v2/models/{model}"} <= set(schema["paths"])
     assert list(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
     assert set(components["Ride"]["properties"]) == {"PULocationID", "DOLocationID", "trip_distance", "ride_id",
                                                      "pickup_datetime"}
@@ -595,7 +611,189 @@ def test_openapi_fuzz_finds_no_server_error_and_no_departure_from_the_schema(ser
     # All checks: no 5xx, and the API keeps its documented contract (schema-valid bodies accepted, invalid
     # ones refused, only documented status codes, content types and response shapes).
     result = subprocess.run(
-        [str(Path(sys.executable).with_name("schemathesis")), "run", f"{server.url}/openapi.json",
+        [str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(HERE / "schemathesis.toml"),
+         "run", f"{server.url}/openapi.json",
          "--checks", "all", "--max-examples", "100", "-H", f"Authorization: Bearer {TOKEN}"],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:]
+
+
+# --- columnar batches and the Open Inference Protocol (V2) -------------------------------------------------
+def _columns(body: list[dict]) -> dict[str, list]:
+    return {name: [ride[name] for ride in body] for name in body[0]}
+
+
+def _arrow(columns: dict) -> bytes:
+    import pyarrow as pa
+
+    table = pa.table(columns)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def test_a_batch_as_rows_as_columns_as_arrow_and_as_v2_gives_identical_answers_and_log_rows(
+        world: dict, server: Server) -> None:
+    import pyarrow as pa
+
+    rides = world["rides"].sample(500, random_state=11)
+    rows = _requests(rides, "form-rows")
+    by_rows = httpx.post(f"{server.url}/predict/batch", json={"rides": rows}, timeout=30).json()["predictions"]
+    expected = [p["duration"] for p in by_rows]
+    champion = by_rows[0]["model"]["version"]  # tests before this one may have promoted another version
+    assert expected == world["registry"].load_pipeline(champion)[1].predict(rides).tolist()
+
+    columns = _columns(_requests(rides, "form-columns"))
+    answer = httpx.post(f"{server.url}/predict/batch", json={"columns": columns}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["predictions"]["duration"] == expected
+    assert answer.json()["predictions"]["ride_id"] == columns["ride_id"]
+    assert answer.json()["models"]["champion"]["version"] == champion
+
+    # Arrow: pickup times as Arrow timestamps (naive: New York time), the answer an Arrow stream too.
+    arrow_columns = _columns(_requests(rides, "form-arrow")) | {
+        "pickup_datetime": pa.array(rides["pickup_datetime"].to_numpy(), pa.timestamp("us"))}
+    answer = httpx.post(f"{server.url}/predict/batch", content=_arrow(arrow_columns), timeout=30,
+                        headers={"Content-Type": "application/vnd.apache.arrow.stream"})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/vnd.apache.arrow.stream"
+    table = pa.ipc.open_stream(answer.content).read_all()
+    assert table.column("duration").to_pylist() == expected
+    assert table.column("model_version").to_pylist() == [champion] * len(rides)
+
+    v2 = _v2_body(_requests(rides, "form-v2"))
+    answer = httpx.post(f"{server.url}/v2/models/{world['settings'].model_name}/infer", json=v2, timeout=30)
+    assert answer.status_code == 200, answer.text
+    outputs = {o["name"]: o for o in answer.json()["outputs"]}
+    assert outputs["duration"]["data"] == expected and outputs["duration"]["shape"] == [len(rides)]
+
+    logged = {form: _logged(world["settings"], f"form-{form}", len(rides))
+              for form in ("rows", "columns", "arrow", "v2")}
+    same = ["pickup_datetime", "PULocationID", "DOLocationID", "trip_distance", "prediction", "model_version",
+            "arm", "source"]
+    for form, frame in logged.items():
+        assert len(frame) == len(rides), form
+        assert frame[same].reset_index(drop=True).equals(logged["rows"][same].reset_index(drop=True)), form
+
+
+def _v2_body(rides: list[dict]) -> dict:
+    types = {"PULocationID": "INT32", "DOLocationID": "INT32", "trip_distance": "FP64", "ride_id": "BYTES",
+             "pickup_datetime": "BYTES"}
+    return {"id": "request-1", "inputs": [{"name": name, "datatype": types[name], "shape": [len(values)],
+                                           "data": values} for name, values in _columns(rides).items()]}
+
+
+def test_an_independent_v2_client_gets_what_predict_gives(world: dict, server: Server) -> None:
+    """tritonclient (NVIDIA's Open Inference Protocol client) against the API, unchanged: health, metadata,
+    inference on the champion and on a version by number."""
+    import tritonclient.http as triton
+
+    name = world["settings"].model_name
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name)
+    metadata = client.get_model_metadata(name)
+    assert {(i["name"], i["datatype"]) for i in metadata["inputs"]} >= {
+        ("PULocationID", "INT32"), ("DOLocationID", "INT32"), ("trip_distance", "FP64"),
+        ("pickup_datetime", "BYTES"), ("ride_id", "BYTES")}
+    assert metadata["outputs"][0] == {"name": "duration", "datatype": "FP64", "shape": [-1],
+                                      "parameters": {"unit": "minutes"}}
+
+    champion = httpx.get(f"{server.url}/ready", timeout=10).json()["version"]
+    rides = world["rides"].sample(40, random_state=12)
+    body = _requests(rides, "triton")
+    single = [httpx.post(f"{server.url}/predict", json=ride, timeout=10).json()["duration"] for ride in body]
+    values = {"PULocationID": (rides["PULocationID"].to_numpy(np.int32), "INT32"),
+              "DOLocationID": (rides["DOLocationID"].to_numpy(np.int32), "INT32"),
+              "trip_distance": (rides["trip_distance"].to_numpy(np.float64), "FP64"),
+              "pickup_datetime": (np.array([r["pickup_datetime"] for r in body], dtype=object), "BYTES")}
+    inputs = []
+    for input_name, (array, datatype) in values.items():
+        tensor = triton.InferInput(input_name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array, binary_data=False)
+        inputs.append(tensor)
+    wanted = [triton.InferRequestedOutput("duration", binary_data=False),
+              triton.InferRequestedOutput("model_version", binary_data=False)]
+    for version in ("", champion):
+        result = client.infer(name, inputs, model_version=version, outputs=wanted, request_id="triton-1")
+        assert result.as_numpy("duration").tolist() == single
+        assert result.get_response()["model_version"] == champion
+        assert result.get_response()["id"] == "triton-1"
+    # A registered version that is not served (no experiment runs the challenger here) is a 404 naming it.
+    other = next(v for v in world["versions"] if v != champion)
+    with pytest.raises(triton.InferenceServerException,
+                       match=rf"version '{other}' of {name} is not served here \(serving {champion} \(champion\)\)"):
+        client.infer(name, inputs, model_version=other)
+
+
+@pytest.mark.parametrize(("change", "status", "words"), [
+    (lambda b: b["inputs"][0].update(datatype="BYTES"), 400, "datatype BYTES is wrong for it: send INT32"),
+    (lambda b: b["inputs"][2].update(datatype="BOOL", data=[True] * 3), 400, "datatype BOOL is wrong"),
+    (lambda b: b["inputs"][0].update(datatype="INT32", data=[10, 10.5, 12]), 400, "PULocationID[1]"),
+    (lambda b: b["inputs"][1].update(shape=[2], data=[50, 51]), 400, "inputs differ in length"),
+    (lambda b: b["inputs"][1].update(shape=[4]), 400, "shape [4] holds 4 values but data has 3"),
+    (lambda b: b["inputs"].pop(2), 400, "trip_distance: Field required"),
+    (lambda b: b["inputs"][0].update(data=[10, 300, 12]), 400,
+     "PULocationID[1]: Input should be a taxi zone: a whole number from 1 to 265"),
+    (lambda b: b["inputs"][2].update(data=[1.0, -2.0, 3.0]), 400,
+     "trip_distance[1]: Input should be greater than or equal to 0"),
+    (lambda b: b["inputs"].append({"name": "ride_id", "datatype": "BYTES", "shape": [3], "data": ["a", "", "c"]}),
+     400, "ride_id[1]: String should have at least 1 character"),
+    (lambda b: b["inputs"].append({"name": "tip", "datatype": "FP64", "shape": [3], "data": [1, 2, 3]}), 400,
+     "'tip' is not an input of this model"),
+    (lambda b: b.update(outputs=[{"name": "fare"}]), 400, "['fare'] are not outputs of this model"),
+    (lambda b: [t.update(shape=[10_002], data=t["data"] * 3334) for t in b["inputs"]], 413,
+     "a request holds at most 10,000"),
+])
+def test_v2_errors_are_4xx_in_the_protocol_s_words(world: dict, server: Server, change, status: int,
+                                                   words: str) -> None:
+    body = {"inputs": [{"name": "PULocationID", "datatype": "INT32", "shape": [3], "data": [10, 11, 12]},
+                       {"name": "DOLocationID", "datatype": "INT64", "shape": [3, 1], "data": [[50], [51], [52]]},
+                       {"name": "trip_distance", "datatype": "FP32", "shape": [3], "data": [1.0, 2, 3.5]}]}
+    url = f"{server.url}/v2/models/{world['settings'].model_name}/infer"
+    assert httpx.post(url, json=body, timeout=10).status_code == 200  # the body before the change is fine
+    change(body)
+    answer = httpx.post(url, json=body, timeout=30)
+    assert answer.status_code == status and words in answer.json()["error"], answer.text
+
+
+def test_v2_unknown_models_versions_and_bodies_are_named_4xx(world: dict, server: Server) -> None:
+    name = world["settings"].model_name
+    ride = {"inputs": [{"name": "PULocationID", "datatype": "INT32", "shape": [1], "data": [10]},
+                       {"name": "DOLocationID", "datatype": "INT32", "shape": [1], "data": [50]},
+                       {"name": "trip_distance", "datatype": "FP64", "shape": [1], "data": [4.2]}]}
+    answers = {
+        "model": httpx.post(f"{server.url}/v2/models/nope/infer", json=ride, timeout=10),
+        "version": httpx.post(f"{server.url}/v2/models/{name}/versions/99/infer", json=ride, timeout=10),
+        "metadata": httpx.get(f"{server.url}/v2/models/nope", timeout=10),
+        "nan": httpx.post(f"{server.url}/v2/models/{name}/infer", timeout=10,
+                          content=json.dumps(ride).replace("4.2", "NaN")),
+        "binary": httpx.post(f"{server.url}/v2/models/{name}/infer", json=ride, timeout=10,
+                             headers={"Inference-Header-Content-Length": "10"}),
+    }
+    assert {k: a.status_code for k, a in answers.items()} == {"model": 404, "version": 404, "metadata": 404,
+                                                              "nan": 400, "binary": 400}
+    assert "unknown model 'nope'" in answers["model"].json()["error"]
+    assert f"version '99' of {name} is not served here" in answers["version"].json()["error"]
+    assert "not JSON" in answers["nan"].json()["error"]
+    assert "binary_data=False" in answers["binary"].json()["error"]
+
+
+def test_columnar_and_arrow_errors_name_the_input_and_element_as_rows_do(server: Server) -> None:
+    import pyarrow as pa
+
+    bad_rows = [COURSE_RIDE, {**COURSE_RIDE, "PULocationID": 300}, {**COURSE_RIDE, "trip_distance": -1}]
+    by_rows = httpx.post(f"{server.url}/predict/batch", json={"rides": bad_rows}, timeout=10)
+    by_columns = httpx.post(f"{server.url}/predict/batch", json={"columns": _columns(bad_rows)}, timeout=10)
+    assert by_rows.status_code == by_columns.status_code == 422
+    assert [e["msg"] for e in by_rows.json()["detail"]] == [e["msg"] for e in by_columns.json()["detail"]]
+    assert [e["loc"] for e in by_columns.json()["detail"]] == [["body", "columns", "PULocationID", 1],
+                                                                ["body", "columns", "trip_distance", 2]]
+    arrow = {"PULocationID": pa.array([10, None, 12]), "DOLocationID": pa.array([50, 51, 52]),
+             "trip_distance": pa.array([1.0, float("nan"), 2.0])}
+    answers = [httpx.post(f"{server.url}/predict/batch", content=content, timeout=10,
+                          headers={"Content-Type": "application/vnd.apache.arrow.stream"})
+               for content in (_arrow(arrow), b"not arrow at all")]
+    assert [a.status_code for a in answers] == [422, 422]
+    assert [(e["loc"][2:], e["type"]) for e in answers[0].json()["detail"]] == [
+        (["PULocationID", 1], "zone_id"), (["trip_distance", 1], "finite_number")]
+    assert "not an Arrow IPC stream" in answers[1].json()["detail"][0]["msg"]

@@ -68,6 +68,7 @@ class Settings:
     traffic_mode: Literal["champion", "ab", "shadow"] = "champion"
     challenger_weight: Share = 0.1  # share of rides the challenger serves in "ab" mode
     batch_limit: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    compile_models: bool = True  # serving: LightGBM trees compiled to native code for batches (lleaves)
     monitoring_uri: str | None = None  # SQLAlchemy URL of the monitoring store; None: SQLite under home
     log_queue_size: Count = 100_000
     # Rows per transaction of the log writer. Each row's ride_id lands on a random page of its index, and a

@@ -282,9 +282,14 @@ def log_time(value: datetime | None = None) -> str:
 
 def log_times(values: np.ndarray) -> list[str]:
     """``log_time`` for an array of datetime64, vectorised: numpy's ISO text with a space for its 'T'."""
+    if len(values) and (values == values[0]).all():  # a batch without pickup times: all picked up "now"
+        return [log_time(values[0].astype("datetime64[us]").item())] * len(values)
     text = values.astype("datetime64[us]").astype("S26")
     text.view(np.uint8).reshape(-1, 26)[:, 10] = ord(" ")
     return text.astype("U26").tolist()
+
+
+SQLITE_MAX_ROWS = 32_766 // len(PREDICTION_COLUMNS)  # SQLite's limit on a statement's parameters
 
 
 def insert_predictions(conn: Connection, rows: list[tuple]) -> None:
@@ -305,7 +310,11 @@ def insert_predictions(conn: Connection, rows: list[tuple]) -> None:
                 copy.write_row(row)
         return
     group = f"({', '.join(['?'] * len(PREDICTION_COLUMNS))})"
-    chunk = 100  # rows per statement: binding them holds the GIL (~0.2 ms), and the request path waits for it
+    # Rows per statement. Binding holds the GIL (~0.2 ms a hundred rows) while the request path waits; between
+    # statements the GIL is handed back, and winning it again from a busy request path takes up to 5 ms (the
+    # interpreter's switch interval). A few thousand rides' rows (single rides) go a hundred at a time; a
+    # transaction of batches in a few large statements, or the writer falls behind (7x slower, 10,000 rows).
+    chunk = min(max(100, len(rows) // 8), SQLITE_MAX_ROWS)
     for i in range(0, len(rows), chunk):
         part = rows[i:i + chunk]
         conn.exec_driver_sql(f"INSERT INTO predictions ({columns}) VALUES " + ", ".join([group] * len(part)),

@@ -27,7 +27,7 @@ from tripcast.errors import TripcastError
 from tripcast.registry import Registry
 from tripcast.serving.holder import AliasWatcher, ModelHolder
 from tripcast.serving.predlog import PredictionLog
-from tripcast.serving.schemas import RIDE
+from tripcast.serving.schemas import RIDE, RideColumns
 from tripcast.serving.scoring import Scorer
 from tripcast.serving.traffic import CHAMPION_ONLY
 
@@ -166,16 +166,16 @@ class StreamConsumer:
         for event_id, fields, error in dead:
             pipe.xadd(self.names.dead_letter, {"event_id": event_id, "ride": fields.get(b"ride", b""), "error": error},
                       maxlen=self.max_len, approximate=True)
-        results, rows = self.scorer.many(rides) if rides else ([], [])
-        if self.predlog is not None and rows:
-            # Journaled before the predictions are published: killed after publishing, the process would lose
-            # these rows. Killed before, the events stay pending and are predicted (and logged) again.
-            self.predlog.wait_durable(self.predlog.put(rows))
-        for event_id, result in zip(ids, results, strict=True):
-            pipe.xadd(self.names.output, {"event_id": event_id, "ride_id": result["ride_id"],
-                                          "duration": repr(result["duration"]),
-                                          "model_version": result["model"]["version"]},
-                      maxlen=self.max_len, approximate=True)
+        if rides:
+            scored = self.scorer.many(RideColumns.from_rides(rides))
+            if self.predlog is not None:
+                # Journaled before the predictions are published: killed after publishing, the process would
+                # lose these rows. Killed before, the events stay pending and are predicted (and logged) again.
+                self.predlog.wait_durable(self.predlog.put(scored.log_rows))
+            for event_id, ride_id, duration, version in zip(ids, scored.ride_ids, scored.durations.tolist(),
+                                                            scored.versions, strict=True):
+                pipe.xadd(self.names.output, {"event_id": event_id, "ride_id": ride_id, "duration": repr(duration),
+                                              "model_version": version}, maxlen=self.max_len, approximate=True)
         # Publish and acknowledge in one MULTI/EXEC: an event is acknowledged only with its output.
         pipe.xack(self.names.input, self.names.group, *[e for e, _ in entries])
         pipe.execute()

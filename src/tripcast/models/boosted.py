@@ -15,7 +15,7 @@ checking its input than on the trees for one row, and one row is what the online
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -157,6 +157,7 @@ class LightGBMDuration:
         self.booster: lgb.Booster | None = None
         self.pair_stats: PairStatistics | None = None
         self._single: _SingleRow | None = None
+        self._compiled: Callable[[np.ndarray], np.ndarray] | None = None  # see ``compile``
         self._pair_rows: dict[int, tuple[float, float]] = {}
         self._zone_minutes: dict[int, float] = {}
 
@@ -183,6 +184,7 @@ class LightGBMDuration:
     def _set(self, booster: lgb.Booster, pair_stats: PairStatistics | None) -> None:
         self.booster, self.pair_stats = booster, pair_stats
         self._single = _SingleRow(booster)
+        self._compiled = None
         if pair_stats is not None:  # the same figures as ``encode``, as dictionaries for one ride at a time
             self._pair_rows = dict(zip(pair_stats.pairs.tolist(),
                                        zip(pair_stats.minutes.tolist(), pair_stats.log_pace.tolist(), strict=True),
@@ -193,8 +195,31 @@ class LightGBMDuration:
         if self.booster is None:
             raise RuntimeError("model is not fitted")
         matrix = self._matrix(features, self.pair_stats.encode(features) if self.pair_stats else ())
+        if self._compiled is not None:
+            return self._compiled(matrix)
         # Threads cost more than they save on a handful of rows.
         return self.booster.predict(matrix, num_threads=self.threads if len(matrix) >= 1000 else 1)
+
+    def compile(self, cache: Path) -> bool:
+        """Predict batches with the trees compiled to native code (``tripcast.models.compiled``), once they
+        give LightGBM's figures on probe rides: known and unseen zone pairs, any hour, day and distance. True
+        if compiled."""
+        if self.booster is None:
+            raise RuntimeError("model is not fitted")
+        from tripcast.models.compiled import compile_booster
+
+        rng = np.random.default_rng(0)
+        n = 2000
+        pu, do = rng.integers(1, 266, n), rng.integers(1, 266, n)
+        if self.pair_stats is not None and len(self.pair_stats.pairs):
+            known = rng.choice(self.pair_stats.pairs, n // 2)
+            pu[: n // 2], do[: n // 2] = known // 1000, known % 1000
+        probe = {"PULocationID": pu, "DOLocationID": do, "zone_pair": pu * 1000 + do,
+                 "trip_distance": np.round(rng.exponential(3.0, n), 2), "pickup_hour": rng.integers(0, 24, n),
+                 "pickup_dow": rng.integers(0, 7, n)}
+        matrix = self._matrix(probe, self.pair_stats.encode(probe) if self.pair_stats else ())
+        self._compiled = compile_booster(self.booster, matrix, cache)
+        return self._compiled is not None
 
     def predict_one(self, features: Mapping[str, float]) -> float:
         """One ride, the same figure as ``predict`` (same trees, same statistics, float64 throughout)."""

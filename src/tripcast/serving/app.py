@@ -37,12 +37,12 @@ from starlette.requests import ClientDisconnect
 from tripcast.config import Settings, load_settings
 from tripcast.monitoring import dashboard, experiments
 from tripcast.registry import CHALLENGER, Registry
-from tripcast.serving import webhooks
+from tripcast.serving import columnar, v2, webhooks
 from tripcast.serving.holder import AliasWatcher, ModelHolder
 from tripcast.serving.http import TIMED_OUT
 from tripcast.serving.predlog import PredictionLog
-from tripcast.serving.schemas import RIDE, label_batch, log_features, ride_batch
-from tripcast.serving.scoring import NoModelError, Scorer
+from tripcast.serving.schemas import RIDE, RideColumns, column_batch, label_batch, log_features, ride_batch
+from tripcast.serving.scoring import NoModelError, Scorer, UnknownVersionError
 from tripcast.serving.traffic import TrafficFollower, TrafficPolicy
 from tripcast.store import record_labels, shared
 
@@ -68,6 +68,18 @@ class Prediction(BaseModel):
 
 class BatchPrediction(BaseModel):
     predictions: list[Prediction]
+
+
+class PredictionColumns(BaseModel):
+    ride_id: list[str]
+    duration: list[float] = Field(description="minutes")
+    model_version: list[str]
+    arm: list[str]
+
+
+class ColumnarBatchPrediction(BaseModel):
+    predictions: PredictionColumns
+    models: dict[str, ModelRef] = Field(description="arm -> the model that answered its rides")
 
 
 class Metrics:
@@ -144,7 +156,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            path = scope["path"] if scope["path"] in _KNOWN_PATHS else "other"
+            path = metric_path(scope["path"])
             self.metrics.request_count(path, status).inc()
             self.metrics.request_latency(path).observe(time.perf_counter() - started)
 
@@ -198,6 +210,31 @@ def document_bodies(app: FastAPI, bodies: dict[str, TypeAdapter]) -> None:
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+# A body whose first key is "columns" is the columnar form of a batch (one look at its start, no parse).
+COLUMNAR_JSON = re.compile(rb'\s*\{\s*"columns"\s*:')
+BATCH_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"anyOf": [{"$ref": "#/components/schemas/RideBatch"},
+                                              {"$ref": "#/components/schemas/ColumnBatch"}]}},
+    columnar.ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}}}}}
+BATCH_RESPONSES = {
+    200: {"description": "in the request's orientation", "content": {
+        "application/json": {"schema": {"anyOf": [{"$ref": "#/components/schemas/BatchPrediction"},
+                                                  {"$ref": "#/components/schemas/ColumnarBatchPrediction"}]}},
+        columnar.ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}}}},
+    413: {"description": "body too large"}, 503: {"description": "no model loaded"},
+    422: {"description": "Validation Error", "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}}}}
+
+
+def metric_path(path: str) -> str:
+    """The path as a metric label: the V2 routes by kind (their paths carry model names)."""
+    if path in _KNOWN_PATHS:
+        return path
+    if path.startswith("/v2/"):
+        return "/v2/infer" if path.endswith("/infer") else "/v2"
+    return "other"
 
 
 _KNOWN_PATHS = {"/predict", "/predict/batch", "/health", "/ready", "/model", "/metrics", "/admin/reload",
@@ -286,13 +323,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPIOffline(title="tripcast", version="1", lifespan=lifespan, static_url="/docs/static",
                          description="NYC taxi trip duration predictions from the MLflow registry's champion.")
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    document_bodies(app, {"Ride": RIDE, "RideBatch": batch, "LabelBatch": labels})
+    document_bodies(app, {"Ride": RIDE, "RideBatch": batch, "ColumnBatch": column_batch(settings.batch_limit),
+                          "LabelBatch": labels, "BatchPrediction": TypeAdapter(BatchPrediction),
+                          "ColumnarBatchPrediction": TypeAdapter(ColumnarBatchPrediction)})
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
         # Nobody to answer: counted as 499 (nginx's "client closed request"), or 408 when the body timed out,
         # not as a 500 with a traceback. uvicorn sends nothing to a closed connection.
         return Response(status_code=408 if request.scope.get(TIMED_OUT) else 499)
+
+    @app.exception_handler(columnar.ColumnsError)
+    async def invalid_columns(request: Request, exc: columnar.ColumnsError) -> JSONResponse:
+        errors = [{"loc": ["body", "columns", *([p.input] if p.input else []), *([] if p.index is None else [p.index])],
+                   "msg": p.msg, "type": p.type} for p in exc.problems]
+        return JSONResponse(status_code=422, content={"detail": errors})
+
+    @app.exception_handler(UnknownVersionError)
+    async def unknown_version(request: Request, exc: UnknownVersionError) -> JSONResponse:
+        return v2.error(404, str(exc))  # the served versions changed while the request was read
 
     @app.exception_handler(NoModelError)
     async def no_model(request: Request, exc: NoModelError) -> JSONResponse:
@@ -316,14 +365,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(orjson.dumps(result), media_type="application/json",
                         headers={"X-Model-Version": result["model"]["version"]})
 
-    @app.post("/predict/batch", response_model=BatchPrediction, openapi_extra=json_body("RideBatch"),
-              responses={503: {"description": "no model loaded"}})
+    @app.post("/predict/batch", openapi_extra=BATCH_BODY, responses=BATCH_RESPONSES)
     async def predict_batch(request: Request) -> Response:
-        results, rows = scorer.many(validated(batch, await read_body(request, max_body))["rides"])
+        """A batch of rides: ``{"rides": [...]}`` (one object per ride), ``{"columns": {...}}`` (one list per
+        input) or an Arrow IPC stream (one column per input). The answer comes in the same orientation."""
+        body = await read_body(request, max_body)
+        if request.headers.get("content-type", "").startswith(columnar.ARROW_STREAM):
+            scored = scorer.many(columnar.from_arrow(body, settings.batch_limit))
+            await durable(predlog.put(scored.log_rows))
+            return Response(columnar.to_arrow(scored.columns()), media_type=columnar.ARROW_STREAM,
+                            headers={"X-Model-Version": scored.version_header})
+        if COLUMNAR_JSON.match(body):
+            try:
+                parsed = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise RequestValidationError([{"loc": ("body",), "msg": f"Invalid JSON: {exc}",
+                                               "type": "json_invalid"}]) from None
+            scored = scorer.many(columnar.from_json(parsed, settings.batch_limit))
+            content = {"predictions": scored.columns(), "models": scored.refs}
+        else:
+            scored = scorer.many(RideColumns.from_rides(validated(batch, body)["rides"]))
+            content = {"predictions": scored.records()}
+        await durable(predlog.put(scored.log_rows))
+        return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",
+                        headers={"X-Model-Version": scored.version_header})
+
+    async def log_rows(rows: list[tuple]) -> None:
         await durable(predlog.put(rows))
-        versions = ",".join(sorted({r["model"]["version"] for r in results}))
-        return Response(orjson.dumps({"predictions": results}), media_type="application/json",
-                        headers={"X-Model-Version": versions})
+
+    app.include_router(v2.router(settings.model_name, scorer, champion, challenger, settings.batch_limit,
+                                 lambda request: read_body(request, max_body), log_rows))
 
     @app.get("/health")
     async def health() -> dict:

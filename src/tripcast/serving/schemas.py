@@ -101,6 +101,27 @@ def ride_batch(limit: int) -> TypeAdapter:
     return TypeAdapter(RideBatch)
 
 
+def column_batch(limit: int) -> TypeAdapter:
+    """``{"columns": {...}}``: a batch as one list per input, of equal lengths (1..limit). Validated by
+    ``tripcast.serving.columnar`` with numpy; this adapter documents it (OpenAPI)."""
+    def rides(of: object) -> object:
+        return Annotated[list[of], Field(min_length=1, max_length=limit)]  # type: ignore[valid-type]
+
+    class RideColumnsBody(TypedDict):
+        __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+        PULocationID: rides(ZoneID)  # type: ignore[valid-type]
+        DOLocationID: rides(ZoneID)  # type: ignore[valid-type]
+        trip_distance: rides(Distance)  # type: ignore[valid-type]
+        ride_id: NotRequired[rides(RideId | None)]  # type: ignore[valid-type]
+        pickup_datetime: NotRequired[rides(Pickup)]  # type: ignore[valid-type]
+
+    class ColumnBatch(TypedDict):
+        __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+        columns: RideColumnsBody
+
+    return TypeAdapter(ColumnBatch)
+
+
 class Label(BaseModel):
     """Ground truth for a ride: its actual duration in minutes, or its drop-off time."""
 
@@ -143,25 +164,35 @@ def random_ids(n: int) -> list[str]:
 
 
 class RideColumns:
-    """Validated rides as columns: what ``Preprocessor.features`` takes, plus ids and pickup times. A ride
-    without an id gets a random one; one without a pickup time is picked up now (New York)."""
+    """Validated rides as columns: what ``Preprocessor.features`` takes, plus ids and pickup times. Made from
+    row-oriented rides (``from_rides``) or from validated columns (``tripcast.serving.columnar``)."""
 
-    def __init__(self, rides: list[Ride]) -> None:
-        n = len(rides)
-        self.ride_ids = [r.get("ride_id") for r in rides]
-        missing = [i for i, ride_id in enumerate(self.ride_ids) if ride_id is None]
+    def __init__(self, ride_ids: list[str | None], pickups: list[datetime | None] | np.ndarray, pu: np.ndarray,
+                 do: np.ndarray, distance: np.ndarray) -> None:
+        """A ride without an id gets a random one; one without a pickup time (None) is picked up now (New
+        York). ``pickups`` may already be naive New York datetime64."""
+        missing = [i for i, ride_id in enumerate(ride_ids) if ride_id is None]
         for i, ride_id in zip(missing, random_ids(len(missing)), strict=True):
-            self.ride_ids[i] = ride_id
-        now = local_naive(None)  # one "now" per request
-        pickups = [r.get("pickup_datetime") for r in rides]
-        if all(p is None for p in pickups):
-            self.pickup = np.full(n, np.datetime64(now, "us"))
-        else:  # pandas converts a list of datetimes in C; numpy would take 20x longer
-            pickups = [now if p is None else local_naive(p) for p in pickups]
-            self.pickup = pd.DatetimeIndex(pickups).to_numpy().astype("datetime64[us]")
-        self.pu = np.fromiter((r["PULocationID"] for r in rides), np.int32, n)
-        self.do = np.fromiter((r["DOLocationID"] for r in rides), np.int32, n)
-        self.distance = np.fromiter((r["trip_distance"] for r in rides), np.float64, n)
+            ride_ids[i] = ride_id
+        self.ride_ids: list[str] = ride_ids  # type: ignore[assignment]
+        if isinstance(pickups, np.ndarray):
+            self.pickup = pickups.astype("datetime64[us]", copy=False)
+        else:
+            self.pickup = pickup_column(pickups)
+        self.pu = pu.astype(np.int32, copy=False)
+        self.do = do.astype(np.int32, copy=False)
+        self.distance = distance.astype(np.float64, copy=False)
+
+    @classmethod
+    def from_rides(cls, rides: list[Ride]) -> "RideColumns":
+        n = len(rides)
+        return cls([r.get("ride_id") for r in rides], [r.get("pickup_datetime") for r in rides],
+                   np.fromiter((r["PULocationID"] for r in rides), np.int32, n),
+                   np.fromiter((r["DOLocationID"] for r in rides), np.int32, n),
+                   np.fromiter((r["trip_distance"] for r in rides), np.float64, n))
+
+    def __len__(self) -> int:
+        return len(self.ride_ids)
 
     def features(self, preprocessor: Preprocessor, chosen: np.ndarray | None = None) -> dict[str, np.ndarray]:
         columns = (self.pu, self.do, self.distance, self.pickup)
@@ -173,6 +204,16 @@ class RideColumns:
         return list(zip(self.ride_ids, repeat(log_time(), n), log_times(self.pickup), self.pu.tolist(),
                         self.do.tolist(), self.distance.tolist(), predictions.tolist(), versions, arms,
                         repeat(source, n), repeat(None, n), repeat(None, n), strict=True))
+
+
+def pickup_column(pickups: list[datetime | None]) -> np.ndarray:
+    """Validated pickup times (None: now, one "now" per request) as naive New York datetime64[us]."""
+    now = local_naive(None)
+    if all(p is None for p in pickups):
+        return np.full(len(pickups), np.datetime64(now, "us"))
+    # pandas converts a list of datetimes in C; numpy would take 20x longer
+    return pd.DatetimeIndex([now if p is None else local_naive(p) for p in pickups]).to_numpy().astype(
+        "datetime64[us]")
 
 
 def log_features(rows: list[tuple], preprocessor: Preprocessor) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ One ride takes the models' single-row path (no arrays); a batch is scored vector
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,6 +24,10 @@ Counter = Callable[[str, str, int], None]  # (version, arm, rides) -> None
 
 class NoModelError(TripcastError):
     """The alias has no loaded model yet."""
+
+
+class UnknownVersionError(TripcastError):
+    """A version asked for by name that neither the champion nor the challenger serves."""
 
 
 class Scorer:
@@ -56,13 +61,21 @@ class Scorer:
                None, None)
         return {"ride_id": ride_id, "duration": duration, "arm": arm, "model": model.ref}, [row]
 
-    def many(self, rides: list[Ride]) -> tuple[list[dict], list[tuple]]:
-        """The answers for a batch (vectorised per arm), and their log rows."""
+    def many(self, columns: RideColumns, version: str | None = None) -> Scored:
+        """A batch's answers (vectorised per arm) and their log rows. With ``version``, every ride is scored by
+        that version (the champion's or the challenger's), whatever the traffic policy says."""
         models = self._models()
-        columns = RideColumns(rides)
-        arms = self.policy().arms(columns.ride_ids, CHALLENGER_ARM in models)
-        durations = np.empty(len(rides))
-        versions = np.empty(len(rides), dtype=object)
+        if version is not None:
+            pinned = {arm: model for arm, model in models.items() if model.version == version}
+            if not pinned:
+                raise UnknownVersionError(f"version {version!r} of {self.champion.registry.name} is not served here: "
+                                          f"serving {', '.join(f'{m.version} ({a})' for a, m in models.items())}")
+            models = dict([next(iter(pinned.items()))])
+            arms = np.full(len(columns), next(iter(models)), dtype=object)
+        else:
+            arms = self.policy().arms(columns.ride_ids, CHALLENGER_ARM in models)
+        durations = np.empty(len(columns))
+        versions = np.empty(len(columns), dtype=object)
         for arm, model in models.items():
             chosen = arms == arm
             if chosen.all():
@@ -74,8 +87,33 @@ class Scorer:
             versions[chosen] = model.version
             if self.count is not None and chosen.any():
                 self.count(model.version, arm, int(chosen.sum()))
-        arm_list = arms.tolist()
-        refs = {arm: model.ref for arm, model in models.items()}
-        results = [{"ride_id": ride_id, "duration": duration, "arm": arm, "model": refs[arm]}
-                   for ride_id, duration, arm in zip(columns.ride_ids, durations.tolist(), arm_list, strict=True)]
-        return results, columns.log_rows(durations, versions.tolist(), arm_list, self.source)
+        arm_list, version_list = arms.tolist(), versions.tolist()
+        return Scored(columns.ride_ids, durations, version_list, arm_list,
+                      {arm: model.ref for arm, model in models.items()},
+                      columns.log_rows(durations, version_list, arm_list, self.source))
+
+
+class Scored(NamedTuple):
+    """A batch's answers as columns, and their prediction-log rows."""
+
+    ride_ids: list[str]
+    durations: np.ndarray
+    versions: list[str]
+    arms: list[str]
+    refs: dict[str, dict]  # arm -> the model's reference (name, version, alias)
+    log_rows: list[tuple]
+
+    def records(self) -> list[dict]:
+        """One answer per ride, as ``/predict`` gives it."""
+        refs = self.refs
+        return [{"ride_id": ride_id, "duration": duration, "arm": arm, "model": refs[arm]}
+                for ride_id, duration, arm in zip(self.ride_ids, self.durations.tolist(), self.arms, strict=True)]
+
+    def columns(self) -> dict:
+        """The answers as columns (a columnar or Arrow batch's answer)."""
+        return {"ride_id": self.ride_ids, "duration": self.durations, "model_version": self.versions,
+                "arm": self.arms}
+
+    @property
+    def version_header(self) -> str:
+        return ",".join(sorted(set(self.versions)))
