@@ -42,9 +42,9 @@ from pathlib import Path
 
 import httpx
 import peers
-import pyarrow as pa
 
 from tripcast.rehearsal import free_port
+from tripcast.serving.columnar import to_arrow
 
 HERE = Path(__file__).resolve().parent
 TRIPCASTS = ("tripcast", "tripcast-always", "tripcast-ref")  # tripcast servers, each with its own store
@@ -210,10 +210,6 @@ def batch_bodies(folder: Path, rides: int = 10_000) -> dict[str, tuple[Path, str
                "DOLocationID": [1 + (i * 7) % 265 for i in range(rides)],
                "trip_distance": [0.5 + i % 20 for i in range(rides)], "ride_id": [f"b{i}" for i in range(rides)]}
     numbers = {k: v for k, v in columns.items() if k != "ride_id"}
-    table = pa.table(columns)
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
     forms = {
         "rows": json.dumps({"rides": [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(),
                                                                                                 strict=True)]}),
@@ -224,7 +220,7 @@ def batch_bodies(folder: Path, rides: int = 10_000) -> dict[str, tuple[Path, str
         "v2-peer": json.dumps({"inputs": [{"name": k, "datatype": V2_TYPES[k], "shape": [rides], "data": v}
                                           for k, v in numbers.items()]}),
         "bentoml": json.dumps(numbers),
-        "arrow": sink.getvalue().to_pybytes(),
+        "arrow": to_arrow(columns),
     }
     bodies = {}
     for name, body in forms.items():

@@ -728,6 +728,7 @@ def test_an_independent_v2_client_gets_what_predict_gives(world: dict, server: S
 @pytest.mark.parametrize(("change", "status", "words"), [
     (lambda b: b["inputs"][0].update(datatype="BYTES"), 400, "datatype BYTES is wrong for it: send INT32"),
     (lambda b: b["inputs"][2].update(datatype="BOOL", data=[True] * 3), 400, "datatype BOOL is wrong"),
+    (lambda b: b["inputs"][2].update(datatype=["FP64"]), 400, "is not one of the protocol's"),
     (lambda b: b["inputs"][0].update(datatype="INT32", data=[10, 10.5, 12]), 400, "PULocationID[1]"),
     (lambda b: b["inputs"][1].update(shape=[2], data=[50, 51]), 400, "inputs differ in length"),
     (lambda b: b["inputs"][1].update(shape=[4]), 400, "shape [4] holds 4 values but data has 3"),

@@ -289,9 +289,6 @@ def log_times(values: np.ndarray) -> list[str]:
     return text.astype("U26").tolist()
 
 
-SQLITE_MAX_ROWS = 32_766 // len(PREDICTION_COLUMNS)  # SQLite's limit on a statement's parameters
-
-
 def insert_predictions(conn: Connection, rows: list[tuple]) -> None:
     """Insert prediction-log rows through the driver, in a thread that shares the GIL with requests.
 
@@ -314,7 +311,8 @@ def insert_predictions(conn: Connection, rows: list[tuple]) -> None:
     # statements the GIL is handed back, and winning it again from a busy request path takes up to 5 ms (the
     # interpreter's switch interval). A few thousand rides' rows (single rides) go a hundred at a time; a
     # transaction of batches in a few large statements, or the writer falls behind (7x slower, 10,000 rows).
-    chunk = min(max(100, len(rows) // 8), SQLITE_MAX_ROWS)
+    most = conn.connection.driver_connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(PREDICTION_COLUMNS)
+    chunk = min(max(100, len(rows) // 8), most)
     for i in range(0, len(rows), chunk):
         part = rows[i:i + chunk]
         conn.exec_driver_sql(f"INSERT INTO predictions ({columns}) VALUES " + ", ".join([group] * len(part)),

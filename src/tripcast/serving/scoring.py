@@ -66,12 +66,12 @@ class Scorer:
         that version (the champion's or the challenger's), whatever the traffic policy says."""
         models = self._models()
         if version is not None:
-            pinned = {arm: model for arm, model in models.items() if model.version == version}
-            if not pinned:
+            arm = next((arm for arm, model in models.items() if model.version == version), None)
+            if arm is None:
                 raise UnknownVersionError(f"version {version!r} of {self.champion.registry.name} is not served here: "
                                           f"serving {', '.join(f'{m.version} ({a})' for a, m in models.items())}")
-            models = dict([next(iter(pinned.items()))])
-            arms = np.full(len(columns), next(iter(models)), dtype=object)
+            models = {arm: models[arm]}
+            arms = np.full(len(columns), arm)
         else:
             arms = self.policy().arms(columns.ride_ids, CHALLENGER_ARM in models)
         durations = np.empty(len(columns))

@@ -89,7 +89,7 @@ def _tensor(position: int, tensor: Any, limit: int) -> tuple[str, np.ndarray | l
     if name not in _ACCEPTED:
         raise V2Error(400, f"input {name[:100]!r} is not an input of this model: it takes "
                            f"{', '.join(_ACCEPTED)}")
-    if datatype not in _ELEMENT_TYPES:
+    if not isinstance(datatype, str) or datatype not in _ELEMENT_TYPES:
         raise V2Error(400, f"input {name}: datatype {str(datatype)[:30]!r} is not one of the protocol's "
                            f"({', '.join(sorted(_ELEMENT_TYPES))})")
     if datatype not in _ACCEPTED[name]:
