@@ -29,10 +29,34 @@ SERVICES = yaml.safe_load((Path(__file__).parents[1] / "compose.yaml").read_text
 TOKEN = "deploy-test-token"
 
 
-def compose_env(service: str) -> dict[str, str]:
-    """A service's environment as compose gives it: ``${NAME:-default}`` is NAME's value, or the default."""
-    return {k: re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: os.environ.get(m[1], m[2]), str(v))
+# The secrets compose.yaml refuses to start without, as a user would set them.
+SECRETS = {"POSTGRES_PASSWORD": "a-password", "TRIPCAST_ADMIN_TOKEN": TOKEN,
+           "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": "XmHZ0ACU5U2vULQt4OoT-Yzd4sOG6kebzq8LSh8GgTQ="}
+
+
+def compose_env(service: str, given: dict[str, str] = SECRETS) -> dict[str, str]:
+    """A service's environment as compose gives it: ``${NAME:-default}`` is NAME's value or the default;
+    ``${NAME:?message}`` is NAME's value, and without one compose refuses to start (KeyError here)."""
+    def value(m: re.Match) -> str:
+        if m[2] == ":?" and m[1] not in given:
+            raise KeyError(f"{m[1]}: {m[3]}")
+        return given.get(m[1], m[3])
+
+    return {k: re.sub(r"\$\{(\w+)(:[-?])([^}]*)\}", value, str(v))
             for k, v in SERVICES[service].get("environment", {}).items()}
+
+
+def test_compose_refuses_to_start_without_its_secrets() -> None:
+    """No default password, token or key to forget in production: each is ``${NAME:?message}``."""
+    text = (Path(__file__).parents[1] / "compose.yaml").read_text()
+    uses = re.findall(r"\$\{(\w+)(:[-?])([^}]*)\}", text)
+    secrets = {name for name, _, _ in uses if re.search("PASSWORD|TOKEN|KEY", name)}
+    assert secrets == set(SECRETS)
+    assert all(kind == ":?" and message.startswith(f"set {name}") for name, kind, message in uses if name in secrets)
+    assert "tripcast:tripcast@" not in text and "change-me" not in text
+    with pytest.raises(KeyError, match="TRIPCAST_ADMIN_TOKEN: set TRIPCAST_ADMIN_TOKEN"):
+        compose_env("api", {k: v for k, v in SECRETS.items() if k != "TRIPCAST_ADMIN_TOKEN"})
+    assert compose_env("api")["TRIPCAST_MONITORING_URI"] == "postgresql://tripcast:a-password@postgres:5432/monitoring"
 
 
 def test_the_services_share_what_they_write_for_each_other_and_keep_their_spools() -> None:
