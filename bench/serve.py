@@ -441,7 +441,7 @@ def report(args: argparse.Namespace, runs: dict, batches: dict, pyfunc: dict) ->
             total = b["logged"] + b["dropped"]
             logged = (f"; logged {b['logged'] / total:.0%} ({b['read_back'] / total:.0%} read back from the "
                       f"journal, the last within {b['catch_up_s']:.0f} s), dropped {b['dropped'] / total:.0%}")
-        print(f"batches, {key:24s} {b['rides_per_s']:9,} rides/s{logged}")
+        print(f"batches, {key:24s} {b['rides_per_s']:9,.0f} rides/s{logged}")
     mlserver = {k: b["rides_per_s"] for k, b in batch_medians.items() if k.startswith("mlserver")}
     if mlserver:
         best = max(mlserver, key=mlserver.get)

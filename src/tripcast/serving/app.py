@@ -372,7 +372,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body = await read_body(request, max_body)
         if request.headers.get("content-type", "").startswith(columnar.ARROW_STREAM):
             scored = scorer.many(columnar.from_arrow(body, settings.batch_limit))
-            await durable(predlog.put(scored.log_rows))
+            await log_rows(scored.log_rows)
             return Response(columnar.to_arrow(scored.columns()), media_type=columnar.ARROW_STREAM,
                             headers={"X-Model-Version": scored.version_header})
         if COLUMNAR_JSON.match(body):
@@ -386,14 +386,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else:
             scored = scorer.many(RideColumns.from_rides(validated(batch, body)["rides"]))
             content = {"predictions": scored.records()}
-        await durable(predlog.put(scored.log_rows))
+        await log_rows(scored.log_rows)
         return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",
                         headers={"X-Model-Version": scored.version_header})
 
     async def log_rows(rows: list[tuple]) -> None:
         await durable(predlog.put(rows))
 
-    app.include_router(v2.router(settings.model_name, scorer, champion, challenger, settings.batch_limit,
+    app.include_router(v2.router(settings.model_name, scorer, champion, settings.batch_limit,
                                  lambda request: read_body(request, max_body), log_rows))
 
     @app.get("/health")

@@ -177,10 +177,6 @@ class ModelHolder:
 
     def _load(self, version: str) -> LoadedModel:
         mv, pipeline = self.registry.load_pipeline(version)  # verified before it is loaded here
-        settings = self.registry.settings
-        if settings.compile_models:  # batches ~10x faster once compiled (~3 s, in the background), same figures
-            threading.Thread(target=pipeline.compile, args=(settings.home / "cache" / "compiled",),
-                             name=f"compile-{version}", daemon=True).start()
         # The first calls pay lazy initialisation (both paths), not a user's request.
         warm = pipeline.predict_features(pipeline.preprocessor.transform(WARM_RIDES))  # the vectorised path
         first = WARM_RIDES.iloc[0]
@@ -188,6 +184,10 @@ class ModelHolder:
                                         datetime.fromisoformat(first.pickup_datetime))
         if not (np.isfinite(warm).all() and warm_one == warm[0]):
             raise ValueError(f"version {version} predicts non-finite durations, or one ride differently alone")
+        settings = self.registry.settings
+        if settings.compile_models:  # batches ~10x faster once compiled (~3 s, in the background), same figures
+            threading.Thread(target=pipeline.compile, args=(settings.home / "cache" / "compiled",),
+                             name=f"compile-{version}", daemon=True).start()
         run = self.registry.client.get_run(mv.run_id) if mv.run_id else None
         metrics = {k: round(v, 4) for k, v in (run.data.metrics if run else {}).items()
                    if k in ("val_rmse", "val_mae", "val_r2", "baseline_val_rmse")}

@@ -46,6 +46,16 @@ class Scorer:
         other = self.challenger.current if self.challenger is not None else None
         return {CHAMPION_ARM: served} | ({CHALLENGER_ARM: other} if other is not None else {})
 
+    def served(self) -> dict[str, str]:
+        """Version -> arm, for the versions answering now."""
+        holders = {CHAMPION_ARM: self.champion, CHALLENGER_ARM: self.challenger}
+        return {h.current.version: arm for arm, h in holders.items() if h is not None and h.current is not None}
+
+    def not_served(self, version: str) -> UnknownVersionError:
+        versions = ", ".join(f"{v} ({arm})" for v, arm in self.served().items()) or "none yet"
+        return UnknownVersionError(f"version {version[:40]!r} of {self.champion.registry.name} is not served here "
+                                   f"(serving {versions})")
+
     def one(self, ride: Ride) -> tuple[dict, list[tuple]]:
         """The answer for one ride, and its log row."""
         models = self._models()
@@ -68,8 +78,7 @@ class Scorer:
         if version is not None:
             arm = next((arm for arm, model in models.items() if model.version == version), None)
             if arm is None:
-                raise UnknownVersionError(f"version {version!r} of {self.champion.registry.name} is not served here: "
-                                          f"serving {', '.join(f'{m.version} ({a})' for a, m in models.items())}")
+                raise self.not_served(version)
             models = {arm: models[arm]}
             arms = np.full(len(columns), arm)
         else:

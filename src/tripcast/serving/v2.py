@@ -143,7 +143,7 @@ def response(model_name: str, scored: Scored, request_id: str | None, outputs: l
                          "data": columns[name]} for name in outputs]}
 
 
-def router(name: str, scorer: Scorer, champion: ModelHolder, challenger: ModelHolder, limit: int,
+def router(name: str, scorer: Scorer, champion: ModelHolder, limit: int,
            read_body: Callable[[Request], Awaitable[bytes]],
            log: Callable[[list[tuple]], Awaitable[None]]) -> APIRouter:
     """The V2 routes. ``read_body`` bounds a body; ``log`` journals a request's prediction-log rows."""
@@ -152,16 +152,11 @@ def router(name: str, scorer: Scorer, champion: ModelHolder, challenger: ModelHo
     bad = {400: {"description": "the request breaks the protocol or a ride's rules"},
            413: {"description": "too many rides or too large a body"}} | not_found
 
-    def served() -> dict[str, str]:
-        """Version -> arm, for the versions answering now."""
-        return {h.current.version: h.alias for h in (champion, challenger) if h.current is not None}
-
     def model_problem(model: str, version: str | None = None) -> JSONResponse | None:
         if model != name:
             return error(404, f"unknown model {model[:100]!r}: this server serves {name!r}")
-        if version is not None and version not in served():
-            versions = ", ".join(f"{v} ({alias})" for v, alias in served().items()) or "none yet"
-            return error(404, f"version {version[:40]!r} of {name} is not served here (serving {versions})")
+        if version is not None and version not in scorer.served():
+            return error(404, str(scorer.not_served(version)))
         return None
 
     @routes.get("", summary="Server metadata")
@@ -182,7 +177,7 @@ def router(name: str, scorer: Scorer, champion: ModelHolder, challenger: ModelHo
     async def metadata(model: str, version: str | None = None) -> Response:
         if problem := model_problem(model, version):
             return problem
-        return JSONResponse({"name": name, "versions": [version] if version else list(served()),
+        return JSONResponse({"name": name, "versions": [version] if version else list(scorer.served()),
                              "platform": "tripcast", "inputs": INPUTS, "outputs": OUTPUTS})
 
     @routes.get("/models/{model}/ready", summary="Model ready", responses=not_found)
