@@ -17,7 +17,7 @@ ENV TRIPCAST_HOME=/home/tripcast/.tripcast \
     PYTHONUNBUFFERED=1
 # Made here, owned by the service's user: an empty named volume mounted on them (compose.yaml) takes that
 # ownership; mounted on a path the image lacks, it would be root's, and the service could not write to it.
-RUN mkdir -p "$TRIPCAST_HOME/reports" "$TRIPCAST_HOME/spool" "$TRIPCAST_HOME/predictions"
+RUN mkdir -p "$TRIPCAST_HOME/reports" "$TRIPCAST_HOME/spool" "$TRIPCAST_HOME/predictions" "$TRIPCAST_HOME/archive"
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
     CMD python -c "import urllib.request, sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=2).status == 200 else 1)"

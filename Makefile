@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test browser lint bench clean
+.PHONY: demo test system lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,20 +15,23 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## pull green 2021-01..03, train baseline / linear / LightGBM, promote the best, evaluate
 	$(BIN)/tripcast quickstart
 
+SYSTEM_TOOLS := chromium nginx prometheus
+
 test: $(STAMP)  ## the whole suite, slow end-to-end tests included
-	@command -v chromium >/dev/null 2>&1 || $(MAKE) --no-print-directory browser
-	$(BIN)/ruff check src tests bench
+	@for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null 2>&1 || missing=1; done; \
+	  [ -z "$$missing" ] || $(MAKE) --no-print-directory system
+	$(BIN)/ruff check src tests bench deploy
 	$(BIN)/python -m pytest
 
-browser:  ## Debian's Chromium for the browser tests (needs root and apt-get; without it they are skipped)
+system:  ## Debian's Chromium (browser tests), nginx and Prometheus (production profile); needs root and apt-get
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "installing Chromium for the browser tests (apt-get)"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-	    || echo "could not install Chromium: the browser tests will be skipped"; \
-	else echo "no Chromium (apt-get install chromium): the browser tests will be skipped"; fi
+	  echo "installing $(SYSTEM_TOOLS) for the browser and production-profile tests (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_TOOLS) >/dev/null) \
+	    || echo "could not install $(SYSTEM_TOOLS): the tests that need them will be skipped"; \
+	else echo "missing some of $(SYSTEM_TOOLS) (apt-get install $(SYSTEM_TOOLS)): the tests that need them will be skipped"; fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench deploy
 
 bench: $(STAMP)  ## needs the TLC files (TRIPCAST_TLC_MIRROR) and wrk
 	$(BIN)/python bench/train.py

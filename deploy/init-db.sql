@@ -1,2 +1,3 @@
 CREATE DATABASE prefect;
 CREATE DATABASE monitoring;
+CREATE DATABASE mlflow_auth;

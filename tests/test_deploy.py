@@ -3,6 +3,8 @@ server (PostgreSQL backend, artifacts served by the server), started for real wi
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -30,7 +32,9 @@ TOKEN = "deploy-test-token"
 
 
 # The secrets compose.yaml refuses to start without, as a user would set them.
-SECRETS = {"POSTGRES_PASSWORD": "a-password", "TRIPCAST_ADMIN_TOKEN": TOKEN,
+SECRETS = {"POSTGRES_PASSWORD": "a-password", "TRIPCAST_ADMIN_TOKEN": TOKEN, "TRIPCAST_VIEWER_TOKEN": "viewer",
+           "MLFLOW_TRACKING_PASSWORD": "mlflow-password", "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-key",
+           "PREFECT_API_AUTH_STRING": "tripcast:prefect-password", "GRAFANA_ADMIN_PASSWORD": "grafana-password",
            "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": "XmHZ0ACU5U2vULQt4OoT-Yzd4sOG6kebzq8LSh8GgTQ="}
 
 
@@ -50,13 +54,58 @@ def test_compose_refuses_to_start_without_its_secrets() -> None:
     """No default password, token or key to forget in production: each is ``${NAME:?message}``."""
     text = (Path(__file__).parents[1] / "compose.yaml").read_text()
     uses = re.findall(r"\$\{(\w+)(:[-?])([^}]*)\}", text)
-    secrets = {name for name, _, _ in uses if re.search("PASSWORD|TOKEN|KEY", name)}
+    secrets = {name for name, _, _ in uses if re.search("PASSWORD|TOKEN|KEY|AUTH_STRING", name)}
     assert secrets == set(SECRETS)
     assert all(kind == ":?" and message.startswith(f"set {name}") for name, kind, message in uses if name in secrets)
     assert "tripcast:tripcast@" not in text and "change-me" not in text
     with pytest.raises(KeyError, match="TRIPCAST_ADMIN_TOKEN: set TRIPCAST_ADMIN_TOKEN"):
-        compose_env("api", {k: v for k, v in SECRETS.items() if k != "TRIPCAST_ADMIN_TOKEN"})
-    assert compose_env("api")["TRIPCAST_MONITORING_URI"] == "postgresql://tripcast:a-password@postgres:5432/monitoring"
+        compose_env("api-1", {k: v for k, v in SECRETS.items() if k != "TRIPCAST_ADMIN_TOKEN"})
+    assert compose_env("api-1")["TRIPCAST_MONITORING_URI"] == "postgresql://tripcast:a-password@postgres:5432/monitoring"
+
+
+def _profile_module():
+    spec = importlib.util.spec_from_file_location("profile", Path(__file__).parents[1] / "deploy" / "profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compose_and_the_process_profile_run_the_same_services_with_the_same_settings(tmp_path: Path) -> None:
+    profile = _profile_module()
+    deployed = profile.Profile(tmp_path)
+    (tmp_path / "profile.json").write_text(json.dumps({  # as `configure` writes it, without starting anything
+        "ports": profile.STANDARD_PORTS, "postgres": profile.DEFAULT_POSTGRES, "prefix": "tripcast",
+        "databases": {n: f"tripcast_{n}" for n in ("mlflow", "mlflow_auth", "prefect", "monitoring")},
+        "tlc_mirror": None, "urls": {"mlflow": "http://mlflow", "prefect": "http://prefect/api", "redis": "redis://r"}}))
+    programs = deployed.programs()
+    # The same processes: compose adds the PostgreSQL server (the profile uses the machine's), a one-shot
+    # service that registers the deployments (the profile's `up` does it) and Grafana (not installable here:
+    # tests/test_production.py runs its dashboards' queries against the profile's stores).
+    assert set(SERVICES) - {"postgres", "deployments", "grafana"} == {"prefect" if p == "prefect-server" else p
+                                                          for p in programs}
+
+    def words(service: str) -> list[str]:
+        command = SERVICES[service]["command"]
+        return command if isinstance(command, list) else command.split()
+
+    for name in ("api-1", "api-2", "stream-1", "stream-2", "prefect-worker"):
+        started = [Path(programs[name][0][0]).name, *programs[name][0][1:]]
+        assert words(name)[:2] == started[:2], name
+        flags = {w for w in started if w.startswith("--")}
+        assert flags - {"--host", "--port"} <= set(words(name)), name
+    assert "--app-name basic-auth" in SERVICES["mlflow"]["command"] and "--app-name" in programs["mlflow"][0]
+    assert words("deployments")[:4] == ["tripcast", "schedule", "--pool", profile.POOL]
+    # The same environment for every tripcast process (but the paths of one host), the same secrets.
+    local = {"TRIPCAST_HOME", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "TRIPCAST_TLC_MIRROR"}
+    assert set(compose_env("api-1")) == set(deployed.environment(dict.fromkeys(profile.SECRETS, "x"))) - local
+    assert compose_env("api-1") == compose_env("prefect-worker") == compose_env("stream-1")
+    assert set(SECRETS) == set(profile.SECRETS) | {"POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"}
+    # nginx, Prometheus and MLflow's auth: compose mounts what the profile's templates render for containers.
+    for path, text in profile.compose_configs().items():
+        assert path.read_text() == text, f"{path.name} is stale: python deploy/profile.py compose-configs"
+    mounted = {v.split(":")[0] for service in SERVICES.values() for v in service.get("volumes", [])}
+    assert {"./deploy/nginx/compose.conf", "./deploy/prometheus/compose.yml", "./deploy/prometheus/alerts.yml",
+            "./deploy/mlflow/basic_auth.ini"} <= mounted
 
 
 def test_the_services_share_what_they_write_for_each_other_and_keep_their_spools() -> None:
@@ -69,14 +118,15 @@ def test_the_services_share_what_they_write_for_each_other_and_keep_their_spools
     def mounts(service: str) -> dict[str, str]:  # path in the container -> named volume
         return {path: volume for volume, path in (v.split(":")[:2] for v in SERVICES[service].get("volumes", []))}
 
-    assert mounts("api")[f"{home}/reports"] == mounts("automation")[f"{home}/reports"]
-    assert f"{home}/spool" in mounts("api") and f"{home}/spool" in mounts("stream")
-    assert f"{home}/predictions" in mounts("api")  # `docker compose run --rm api tripcast score` keeps its output
+    assert mounts("api-1")[f"{home}/reports"] == mounts("prefect-worker")[f"{home}/reports"]
+    assert mounts("api-1") == mounts("api-2")  # the replicas share their spool: each replays the other's journal
+    assert f"{home}/spool" in mounts("api-1") and f"{home}/spool" in mounts("stream-1")
+    assert f"{home}/predictions" in mounts("api-1")  # `docker compose run --rm api-1 tripcast score` keeps it
     # The image makes every mounted folder as its non-root user, so a new volume takes that user's ownership.
     made = re.search(r"^RUN mkdir -p (.+)$", dockerfile, re.MULTILINE)
     assert dockerfile.index("USER tripcast") < made.start()
     folders = {f.strip('"').replace("$TRIPCAST_HOME", home) for f in made[1].split()}
-    assert {path for service in SERVICES if service in ("api", "automation", "stream")
+    assert {path for service in SERVICES if service in ("api-1", "prefect-worker", "stream-1")
             for path in mounts(service)} <= folders
 
 
@@ -105,7 +155,7 @@ def compose_mlflow(postgres_database, tmp_path_factory: pytest.TempPathFactory) 
 def test_the_mlflow_server_answers_the_services_by_name(compose_mlflow: tuple[str, Path]) -> None:
     url, _ = compose_mlflow
     callers = {urlsplit(SERVICES[name]["environment"]["TRIPCAST_TRACKING_URI"]).netloc
-               for name in ("api", "automation", "stream")}
+               for name in ("api-1", "prefect-worker", "stream-1")}
     browser = f"localhost:{SERVICES['mlflow']['ports'][0].split(':')[0]}"  # the published port
 
     def status(host: str) -> int:

@@ -341,3 +341,60 @@ def test_guards_hold_under_a_storm_of_alerts(world: dict, tmp_path: Path, monkey
     versions = world["registry"].versions()
     assert {v.tags.get("automation.eval_period") for v in versions[-2:]} == {"2021-02-22..2021-03-01"}
     np.testing.assert_array_equal(len(versions), int(world["version"]) + 2)
+
+
+def test_retention_moves_old_rides_to_parquet_and_monitoring_and_labels_work_across_the_cut(
+        world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tripcast.flows.retention import retention_flow
+    from tripcast.monitoring.retention import archive_predictions, read_archive
+
+    settings = fresh(world, tmp_path, retention_days=35.0)
+    monkeypatch.setenv("TRIPCAST_MONITORING_URI", settings.resolved_monitoring_uri)
+    monkeypatch.setenv("TRIPCAST_RETENTION_DAYS", "35")
+    engine = connect(settings.resolved_monitoring_uri)
+    january, february = month_rides(settings, "2021-01"), month_rides(settings, "2021-02")
+    log_rides(settings, world, january)
+    log_rides(settings, world, february)
+    first_week = Window("week", datetime(2021, 2, 1), datetime(2021, 2, 8))
+    before = figures(compute_window(engine, world["registry"], first_week, settings))
+    with engine.connect() as conn:
+        old = set(conn.execute(sa.select(predictions.c.ride_id).where(predictions.c.pickup_datetime
+                                                                      < datetime(2021, 2, 1))).scalars())
+    assert len(old) > 70_000  # January, and the odd ride the TLC files under a neighbouring month
+
+    # 2021-03-10 less 35 days is in the week of Monday 2021-02-01: the cut falls there, on a window's start.
+    result = retention_flow(datetime(2021, 3, 10))
+    assert result["cut"] == "2021-02-01T00:00:00" and result["rows"] == len(old)
+    archived = read_archive(settings.archive_dir)
+    assert set(archived["ride_id"]) == old and len(archived) == len(old) and archived["id"].is_unique
+    assert (archived["pickup_datetime"] < datetime(2021, 2, 1)).all()
+    both = pd.concat([january, february]).set_index("ride_id")
+    assert archived["prediction"].to_numpy() == pytest.approx(
+        world["pipeline"].predict(both.loc[archived["ride_id"]].reset_index()), abs=1e-9)
+    months = {re.fullmatch(r"predictions-(\d{4}-\d{2})-ids-\d+-\d+\.parquet", Path(f).name)[1] for f in result["files"]}
+    assert "2021-01" in months and max(months) < "2021-02"  # one set of files per month
+    assert not list(settings.archive_dir.glob(".*.part"))  # no half-written file left beside them
+    with engine.connect() as conn:
+        left = conn.execute(sa.select(sa.func.count(), sa.func.min(predictions.c.pickup_datetime))
+                            .select_from(predictions)).one()
+    assert left[0] == len(january) + len(february) - len(old) and left[1] >= datetime(2021, 2, 1)
+    # Again: nothing more to move, no file written twice.
+    assert archive_predictions(engine, settings.archive_dir, datetime(2021, 2, 1), batch_rows=5_000).rows == 0
+    assert len(list(settings.archive_dir.glob("*.parquet"))) == len(result["files"])
+
+    # Monitoring past the cut is untouched (the first window after it is whole); labels join for rides in the
+    # store, and the archived rides' labels are kept as unknown, as for rides never logged.
+    assert figures(compute_window(engine, world["registry"], first_week, settings)) == before
+    assert join_month("green", "2021-02", settings)["unknown"] == 0
+    late = join_month("green", "2021-01", settings)
+    assert late["unknown"] == len(old & set(january["ride_id"]))
+    labelled = figures(compute_window(engine, world["registry"], first_week, settings))
+    assert labelled["labelled_rows"] > 10_000 and labelled["rmse"] > 0
+
+
+def test_retention_shorter_than_a_retrain_s_lookback_is_refused() -> None:
+    from tripcast.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match=r"TRIPCAST_RETENTION_DAYS \(20\) must be at least "
+                                          r"retrain_lookback_days \+ 7 \(35\): retraining reads that far back"):
+        load_settings(env={"TRIPCAST_RETENTION_DAYS": "20"})

@@ -396,6 +396,40 @@ def test_concurrent_trainings_on_a_new_postgres_store_decide_one_at_a_time(tmp_p
         assert sum(r["promoted"] for r in results[:3]) <= 1
 
 
+@pytest.mark.slow
+def test_a_run_re_run_after_a_crash_registers_nothing_twice(settings: Settings) -> None:
+    """What Prefect's crash recovery does to a deployment's run (flows/recovery.py): the same flow run again.
+    Here the run's id is given as Prefect's runtime override, so that two processes are two attempts of it."""
+    from tripcast.registry import FLOW_RUN_TAG
+
+    run_id = "5d0f5c1e-8d6c-4bb6-9c55-3d1c0a6f0001"
+    attempt = {"PREFECT__RUNTIME__FLOW_RUN__ROOT_FLOW_RUN_ID": run_id}
+    args = ["train", "--train-month", "2021-01", "--val-month", "2021-02", "--json"]
+    first = run(args, attempt)
+    assert first.returncode == 0, first.stderr
+    registry = Registry(settings)
+    assert [v.tags[FLOW_RUN_TAG] for v in registry.versions()] == [f"{run_id}/0"]
+
+    # The attempt got as far as its decision: a re-run reports it, and neither registers nor decides again.
+    again = run(args, attempt)
+    assert again.returncode == 0, again.stderr
+    assert [str(v.version) for v in registry.versions()] == ["1"]
+    assert json.loads(again.stdout)["version"] == json.loads(first.stdout)["version"] == "1"
+    assert json.loads(again.stdout)["promoted"] is True and registry.history() == ["1"]
+
+    # An attempt that died between registering and deciding (SIGKILL: no handler ran): the re-run decides that
+    # version instead of registering another.
+    other = "5d0f5c1e-8d6c-4bb6-9c55-3d1c0a6f0002"
+    first_version = registry.version("1")
+    orphan = registry.register(first_version.source, first_version.run_id, tags={FLOW_RUN_TAG: f"{other}/0"})
+    resumed = run(args, {"PREFECT__RUNTIME__FLOW_RUN__ROOT_FLOW_RUN_ID": other})
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["version"] == str(orphan.version) == "2"
+    assert [str(v.version) for v in registry.versions()] == ["1", "2"]
+    assert registry.version("2").tags["promotion.decision"] == "rejected"  # the same model: no gain over v1
+    assert registry.current(CHAMPION) == "1"
+
+
 # --- answered means durable -----------------------------------------------------------------------------
 
 

@@ -291,11 +291,17 @@ def _command(name: str) -> str:
 def schedule(
     cron: Annotated[str, typer.Option(help="Cron schedule of the retrain.")] = "0 6 5 * *",
     monitor_cron: Annotated[str, typer.Option(help="Cron schedule of monitoring.")] = "15 * * * *",
+    retention_cron: Annotated[str, typer.Option(help="Cron schedule of the prediction log's retention "
+                                                     "(TRIPCAST_RETENTION_DAYS).")] = "30 3 * * *",
     model: Annotated[str, typer.Option(help="Model family.")] = "lightgbm",
     color: Color = "green",
+    pool: Annotated[str | None, typer.Option(
+        help="Register the deployments with this Prefect work pool (its workers run them) and return, instead "
+             "of running them in this process.")] = None,
 ) -> None:
-    """Serve Prefect deployments: a monthly retrain on the latest TLC months and hourly monitoring (with the
-    automation policy). Needs a Prefect server (PREFECT_API_URL)."""
+    """Prefect deployments: a monthly retrain on the latest TLC months, hourly monitoring (with the automation
+    policy) and daily retention; served here, or run by a work pool's workers (--pool). Needs a Prefect server
+    (PREFECT_API_URL)."""
     _settings(True)
     if not os.environ.get("PREFECT_API_URL"):
         _fail("a schedule needs a running Prefect server: `prefect server start`, then set PREFECT_API_URL "
@@ -303,9 +309,26 @@ def schedule(
     from prefect import serve as serve_deployments
 
     from tripcast.flows.monitor import monitor_deployment
+    from tripcast.flows.retention import retention_deployment
     from tripcast.flows.train import deployment
 
-    serve_deployments(deployment(cron, model, color), monitor_deployment(monitor_cron))
+    deployments = (deployment(cron, model, color), monitor_deployment(monitor_cron),
+                   retention_deployment(retention_cron))
+    if pool is None:
+        serve_deployments(*deployments)
+        return
+    from prefect import deploy
+
+    from tripcast.flows.recovery import ensure_crash_recovery
+
+    # No image and no code storage: the pool's workers run tripcast as installed, by module path.
+    deploy(*deployments, work_pool_name=pool, build=False, push=False, print_next_steps_message=False)
+    try:
+        recovery = ensure_crash_recovery()
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(f"deployments {', '.join(d.name for d in deployments)} registered with work pool {pool!r}; "
+               f"its workers run them (prefect worker start --pool {pool}); automations: {'; '.join(recovery)}")
 
 
 @app.command()
@@ -428,6 +451,32 @@ def monitor(
         out.print(f"{look['kind']} {look['experiment_id']} ({look['mode']}, v{look['challenger_version']} vs "
                   f"v{look['champion_version']}): {look['decision']}: {look['reason']}", highlight=False,
                   soft_wrap=True)
+
+
+@app.command()
+def archive(
+    now: Annotated[str | None, typer.Option(help="ISO date/time the retention period counts back from, New York "
+                                                 "time (default: now).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Move logged predictions older than TRIPCAST_RETENTION_DAYS (by pickup) from the store to monthly parquet
+    files under TRIPCAST_HOME/archive (what the scheduled retention flow does)."""
+    settings = _settings(verbose)
+    try:
+        moment = datetime.fromisoformat(now) if now else None
+    except ValueError:
+        _fail(f"--now {now!r} is not an ISO date or date-time (e.g. 2021-06-01)")
+    if settings.retention_days is None:
+        _fail("TRIPCAST_RETENTION_DAYS is not set: without it the prediction log keeps every ride")
+    from tripcast.flows import report_progress_to, start_local_prefect
+
+    report_progress_to(lambda message: err.print(message, highlight=False))
+    start_local_prefect(Path(os.environ["PREFECT_HOME"]), lambda _: None)
+    from tripcast.flows.retention import retention_flow
+
+    result = retention_flow(moment)
+    out.print(f"{result['rows']:,} rides picked up before {result['cut'][:10]} archived in {len(result['files'])} "
+              f"files under {settings.archive_dir}", highlight=False, soft_wrap=True)
 
 
 @app.command()

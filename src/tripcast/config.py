@@ -65,6 +65,7 @@ class Settings:
     serve_alias: Name = "champion"
     poll_seconds: Annotated[float, Field(ge=0.05, le=86_400)] = 10.0
     admin_token: str | None = None
+    viewer_token: str | None = None  # wanted by /dashboard and /metrics when set (read-only; the admin token too)
     traffic_mode: Literal["champion", "ab", "shadow"] = "champion"
     challenger_weight: Share = 0.1  # share of rides the challenger serves in "ab" mode
     batch_limit: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
@@ -91,6 +92,9 @@ class Settings:
     window: Literal["day", "week"] = "week"  # a day of green taxi rides is too few for stable zone statistics
     min_window_rows: Count = 500  # fewer rides than this in a window: no drift verdict
     reports_keep: Annotated[int, Field(ge=0)] = 500  # Evidently HTML reports kept, newest windows; 0: none
+    # Logged predictions older than this (by pickup) move from the store to parquet under home/archive (the
+    # retention flow); None keeps them all in the store.
+    retention_days: Annotated[float, Field(gt=0)] | None = None
     drift_threshold: Annotated[float, Field(gt=0)] = 0.1  # per column: Jensen-Shannon / normed Wasserstein
     drift_share: Annotated[float, Field(gt=0, le=1)] = 0.5  # share of drifted features: the dataset drifted
     od_drift_threshold: Annotated[float, Field(gt=0, le=1)] = 0.12  # Jensen-Shannon distance of the pair mix
@@ -137,6 +141,14 @@ class Settings:
                              f"({self.max_duration:g})")
         return self
 
+    @model_validator(mode="after")
+    def _retention_covers_retraining(self) -> Settings:
+        # A retrain reads the labelled rides of its lookback, and monitoring the window before: both from the store.
+        if self.retention_days is not None and self.retention_days < self.retrain_lookback_days + 7:
+            raise ValueError(f"retention_days ({self.retention_days:g}) must be at least retrain_lookback_days "
+                             f"+ 7 ({self.retrain_lookback_days + 7:g}): retraining reads that far back")
+        return self
+
     @property
     def data_dir(self) -> Path:
         return self.home / "data"
@@ -166,6 +178,10 @@ class Settings:
     @property
     def resolved_monitoring_uri(self) -> str:
         return self.monitoring_uri or f"sqlite:///{(self.home / 'monitoring.db').resolve()}"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.home / "archive"
 
     @property
     def spool_dir(self) -> Path:

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
+FLOW_RUN_TAG = "tripcast.flow_run"  # the Prefect flow run that registered a version: its re-runs find it
+OUTCOME_TAG = "tripcast.outcome"  # what that run's decision step returned (JSON), for a re-run to return again
 HISTORY_KEEP = 50
 TRAFFIC, TRAFFIC_KEYS = "traffic", ("mode", "weight", "id", "kind")  # registered-model tags: traffic.mode, ...
 
@@ -113,6 +115,10 @@ class Registry:
                 return None
             # Not the store's URL: it may hold a password, and /ready shows this message to anyone.
             raise RegistryError(f"could not read the alias {alias!r} from the registry: {str(exc)[:300]}") from None
+
+    def registered_by(self, flow_run: str) -> ModelVersion | None:
+        """The version an earlier attempt of ``flow_run`` registered (a run re-run after its worker died)."""
+        return next((v for v in self.versions() if v.tags.get(FLOW_RUN_TAG) == flow_run), None)
 
     def versions(self) -> list[ModelVersion]:
         found = self.client.search_model_versions(f"name = '{self.name}'")

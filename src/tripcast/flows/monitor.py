@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
+from prefect.deployments.runner import EntrypointType
 from sqlalchemy import make_url
 
 from tripcast import promotion, training
@@ -159,10 +160,11 @@ def retrain_flow(trigger: str, event_time: str, train_start: str, train_end: str
         champion_version=outcome["champion_before"], challenger_version=outcome["version"],
         champion_rmse=outcome["champion_rmse"], challenger_rmse=outcome["challenger_rmse"],
         baseline_rmse=outcome["baseline_rmse"], data={"run_id": result.run_id, "model": model,
-                                                      "compared_on": outcome["compared_on"]})
+                                                      "compared_on": outcome["compared_on"],
+                                                      "flow_run": outcome["flow_run"]})
 
 
 def monitor_deployment(cron: str, name: str = "monitor"):
     """Monitoring (with the automation policy) on a cron schedule: the last windows of the prediction log."""
-    return monitor_flow.to_deployment(name=name, cron=cron,
+    return monitor_flow.to_deployment(name=name, cron=cron, entrypoint_type=EntrypointType.MODULE_PATH,
                                       description="Measure recent windows, fire alerts, retrain when a rule fires.")

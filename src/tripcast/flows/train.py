@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Callable
 from contextlib import suppress
 from datetime import datetime
 from typing import Any
 
 import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
+from prefect.deployments.runner import EntrypointType
+from prefect.runtime import flow_run
 
 from tripcast import interrupts, promotion, training
 from tripcast.config import Settings, load_settings
 from tripcast.data import tlc
 from tripcast.flows import retry_unless_data_error, say
 from tripcast.models import DEFAULT_FAMILY
-from tripcast.registry import CHALLENGER, CHAMPION, Registry
+from tripcast.registry import CHALLENGER, CHAMPION, FLOW_RUN_TAG, OUTCOME_TAG, Registry
 from tripcast.tracking import require_registry
 
 
@@ -58,7 +63,17 @@ def register(result: training.TrainingResult, validation: training.MonthData, se
     both verified) and apply the decision (or hand a version that passed to ``passed``), so that concurrent runs
     decide one at a time."""
     registry = Registry(settings)
-    mv = registry.register(result.model_uri, result.run_id, tags={"model": result.model} | (tags or {}))
+    attempt = registration_key()
+    earlier = registry.registered_by(attempt) if attempt else None
+    if earlier is not None and "promotion.decision" in earlier.tags:
+        get_run_logger().info("version %s was registered and decided by an earlier attempt of this run: not again",
+                              earlier.version)
+        return _outcome_of(earlier)
+    if earlier is not None:
+        get_run_logger().info("version %s was registered by an earlier attempt of this run: deciding it",
+                              earlier.version)
+    mv = earlier or registry.register(result.model_uri, result.run_id, tags={"model": result.model} | (tags or {}) | (
+        {FLOW_RUN_TAG: attempt} if attempt else {}))
     then = None
     try:
         with registry.decision_lock():
@@ -75,11 +90,46 @@ def register(result: training.TrainingResult, validation: training.MonthData, se
     get_run_logger().info("version %s: %s (%s)", mv.version, "promoted" if promoted else "not promoted",
                           decision.reason)
     alias = CHAMPION if promoted else CHALLENGER if then is not None or not promote else None
-    return {"version": str(mv.version), "alias": alias, "promoted": promoted,
-            "reason": decision.reason, "challenger_rmse": decision.challenger_rmse,
-            "baseline_rmse": decision.baseline_rmse, "champion_before": judged.champion_version,
-            "champion_rmse": judged.champion_rmse, "compared_on": judged.compared_on, "compared_rows": judged.rows,
-            "passed_gate": promote and judged.decision.promote, "then": then}
+    outcome = {"version": str(mv.version), "alias": alias, "promoted": promoted, "flow_run": attempt,
+               "reason": decision.reason, "challenger_rmse": decision.challenger_rmse,
+               "baseline_rmse": decision.baseline_rmse, "champion_before": judged.champion_version,
+               "champion_rmse": judged.champion_rmse, "compared_on": judged.compared_on, "compared_rows": judged.rows,
+               "passed_gate": promote and judged.decision.promote, "then": then}
+    with suppress(Exception):  # only a re-run after a crash reads it; without it, one is rebuilt from the tags
+        registry.record(str(mv.version), {OUTCOME_TAG: json.dumps(outcome, default=str)})
+    return outcome
+
+
+_registrations: dict[str, int] = {}
+_registrations_lock = threading.Lock()
+
+
+def registration_key() -> str | None:
+    """Which registration of its run this is: the root flow run (the deployment's run, which crash recovery
+    schedules again) and how many registrations that run made before this one in this process. A re-run takes
+    the same steps in the same order, so its n-th registration is its crashed attempt's n-th."""
+    root = flow_run.root_flow_run_id
+    if not root:
+        return None
+    with _registrations_lock:
+        n = _registrations[str(root)] = _registrations.get(str(root), -1) + 1
+    return f"{root}/{n}"
+
+
+def _outcome_of(version: ModelVersion) -> dict[str, Any]:
+    """What the decision step of the attempt that registered ``version`` returned."""
+    tags = version.tags
+    if OUTCOME_TAG in tags:
+        with suppress(ValueError):
+            return json.loads(tags[OUTCOME_TAG])
+    number = lambda key: float(tags[key]) if tags.get(key) else None  # noqa: E731
+    decision = tags["promotion.decision"]
+    return {"version": str(version.version), "alias": None, "promoted": decision == "promoted",
+            "flow_run": tags.get(FLOW_RUN_TAG),
+            "reason": tags.get("promotion.reason", ""), "challenger_rmse": number("promotion.challenger_rmse"),
+            "baseline_rmse": number("promotion.baseline_rmse"), "champion_before": None,
+            "champion_rmse": number("promotion.champion_rmse"), "compared_on": None, "compared_rows": None,
+            "passed_gate": decision in ("promoted", "experiment"), "then": None}
 
 
 def fresh_month(color: str, validation: tlc.Month, settings: Settings) -> promotion.FreshWindow:
@@ -162,5 +212,5 @@ def quickstart_flow(color: str = "green", train_month: str = "2021-01", val_mont
 def deployment(cron: str, model: str, color: str, name: str = "monthly-retrain"):
     """A deployment of ``train`` on a cron schedule; with no months it trains on the latest two."""
     return train_flow.to_deployment(
-        name=name, cron=cron, parameters={"color": color, "model": model},
+        name=name, cron=cron, parameters={"color": color, "model": model}, entrypoint_type=EntrypointType.MODULE_PATH,
         description="Retrain on the two most recent TLC months and apply the promotion policy.")

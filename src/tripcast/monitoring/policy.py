@@ -121,5 +121,11 @@ def record(engine: Engine, plan: RetrainPlan, action: str, reason: str, **detail
            "train_rows": plan.train_rows or None, "eval_rows": plan.eval_rows or None,
            "data": json.dumps(data)} | details
     with engine.begin() as conn:
+        # A flow run re-run after a crash records its decision once: the first attempt's, if it got that far.
+        run = data.get("flow_run")
+        earlier = run and conn.execute(select(decisions).where(decisions.c.data.contains(f'"flow_run": "{run}"'))
+                                       ).mappings().first()
+        if earlier:
+            return jsonable(earlier, leave_out=("data",))
         conn.execute(decisions.insert(), [row])
     return jsonable(row, leave_out=("data",))

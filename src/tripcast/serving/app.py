@@ -4,6 +4,7 @@ Run with ``tripcast serve`` (uvicorn). The model is always resolved from the reg
 """
 
 import asyncio
+import base64
 import functools
 import gc
 import os
@@ -237,6 +238,7 @@ def metric_path(path: str) -> str:
     return "other"
 
 
+NO_VIEWER_TOKEN = {401: {"description": "TRIPCAST_VIEWER_TOKEN is set, and neither it nor the admin token given"}}
 _KNOWN_PATHS = {"/predict", "/predict/batch", "/health", "/ready", "/model", "/metrics", "/admin/reload",
                 "/feedback", "/dashboard", "/dashboard/data"}
 
@@ -423,6 +425,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             found.append(f"prediction log: {predlog.dropped:,} predictions dropped ({predlog.last_error})")
         return found
 
+    def viewer(authorization: Annotated[str | None, Header()] = None) -> None:
+        """With TRIPCAST_VIEWER_TOKEN set, /dashboard and /metrics want it (or the admin token): as a Bearer token
+        (Prometheus), or as the password of HTTP basic auth, which a browser asks for and then sends itself."""
+        if not settings.viewer_token:
+            return
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                given = base64.b64decode(given, validate=True).decode().partition(":")[2]
+            except ValueError:  # not base64, or not UTF-8
+                given = ""
+        elif scheme.lower() != "bearer":
+            given = ""
+        if not any(token and secrets.compare_digest(given.encode(), token.encode())
+                   for token in (settings.viewer_token, settings.admin_token)):
+            raise HTTPException(401, "the dashboard and /metrics need the viewer token (TRIPCAST_VIEWER_TOKEN), as "
+                                     "'Authorization: Bearer <token>' or a basic-auth password",
+                                headers={"WWW-Authenticate": 'Basic realm="tripcast", charset="UTF-8"'})
+
     @app.get("/model")
     async def model() -> dict:
         # With several workers, these are the answering worker's figures (/metrics sums them all).
@@ -431,7 +452,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                                    "experiment": policy.experiment},
                 "champion": champion.state(), "challenger": challenger.state(), "prediction_log": predlog.health()}
 
-    @app.get("/metrics", response_class=PlainTextResponse)  # documented as text: Prometheus' exposition format
+    # documented as text: Prometheus' exposition format
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(viewer)],
+             responses=NO_VIEWER_TOKEN)
     async def prometheus() -> Response:
         publish()
         try:
@@ -498,11 +521,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"stored": result["stored"], "unknown": len(result["unknown"]),
                 "unknown_ride_ids": result["unknown"][:1000]}
 
-    @app.get("/dashboard", response_class=HTMLResponse, responses={503: {"description": "store unavailable"}})
+    @app.get("/dashboard", response_class=HTMLResponse, dependencies=[Depends(viewer)],
+             responses=NO_VIEWER_TOKEN | {503: {"description": "store unavailable"}})
     async def dashboard_page() -> HTMLResponse:
         return HTMLResponse(dashboard.page(await monitoring_data()))
 
-    @app.get("/dashboard/data", responses={503: {"description": "store unavailable"}})
+    @app.get("/dashboard/data", dependencies=[Depends(viewer)],
+             responses=NO_VIEWER_TOKEN | {503: {"description": "store unavailable"}})
     async def dashboard_data() -> dict:
         return await monitoring_data()
 
@@ -516,7 +541,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def plotly_js() -> FileResponse:
         return FileResponse(dashboard.PLOTLY_JS, media_type="application/javascript")
 
-    @app.get("/dashboard/reports/{name}", include_in_schema=False)
+    @app.get("/dashboard/reports/{name}", include_in_schema=False, dependencies=[Depends(viewer)])
     async def report(name: str) -> FileResponse:
         # Checked before the file system sees it: a NUL byte or a 300-character name made Path raise (a 500).
         if not REPORT_NAME.fullmatch(name) or not (path := settings.home / "reports" / name).is_file():
