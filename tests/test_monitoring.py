@@ -398,3 +398,21 @@ def test_retention_shorter_than_a_retrain_s_lookback_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"TRIPCAST_RETENTION_DAYS \(20\) must be at least "
                                           r"retrain_lookback_days \+ 7 \(35\): retraining reads that far back"):
         load_settings(env={"TRIPCAST_RETENTION_DAYS": "20"})
+
+
+def test_a_decision_is_recorded_once_per_registration_of_a_flow_run(tmp_path: Path) -> None:
+    """A retrain re-run after a crash (flows/recovery.py) records the decision its first attempt recorded, once."""
+    engine = connect(f"sqlite:///{tmp_path / 'monitoring.db'}")
+    plan = policy.RetrainPlan(True, "", "accuracy alert", datetime(2021, 3, 8))
+    first = policy.record(engine, plan, "rejected", "no gain", challenger_version="4",
+                          data={"flow_run": "5d0f5c1e-8d6c-4bb6-9c55-3d1c0a6f0003/0"})
+    again = policy.record(engine, plan, "promoted", "a second attempt's view", challenger_version="5",
+                          data={"flow_run": "5d0f5c1e-8d6c-4bb6-9c55-3d1c0a6f0003/0"})
+    other = policy.record(engine, plan, "rejected", "another run", challenger_version="6",
+                          data={"flow_run": "5d0f5c1e-8d6c-4bb6-9c55-3d1c0a6f0003/1"})
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(decisions.c.action, decisions.c.challenger_version)
+                            .order_by(decisions.c.id)).all()
+    assert [tuple(r) for r in rows] == [("rejected", "4"), ("rejected", "6")]
+    assert again["action"] == first["action"] == "rejected" and again["challenger_version"] == "4"
+    assert other["challenger_version"] == "6"

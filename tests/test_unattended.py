@@ -88,7 +88,7 @@ def test_the_settings_checked_cover_every_number_and_choice() -> None:
     # What is left out is text (names, addresses, a token) and the home folder.
     unchecked = {f.name for f in fields(Settings)} - set(NUMERIC_OR_CHOICE)
     assert unchecked == {"home", "tlc_base_url", "tlc_mirror", "tracking_uri", "mlflow_experiment", "model_name",
-                         "admin_token", "serve_alias", "monitoring_uri", "alert_webhook_url"}
+                         "admin_token", "viewer_token", "serve_alias", "monitoring_uri", "alert_webhook_url"}
 
 
 def test_a_negative_promotion_margin_is_refused_in_one_line(settings: Settings) -> None:
