@@ -143,7 +143,7 @@ class Profile:
             api, str(HERE / "prometheus" / "alerts.yml"), str(self.run / "viewer-token"), "5s"))
         (self.run / "mlflow-auth.ini").write_text(_render(HERE / "mlflow" / "basic_auth.ini", {
             "AUTH_DATABASE_URI": _sqlalchemy(settings["postgres"], settings["databases"]["mlflow_auth"])}))
-        (self.conf).write_text(self._supervisord(settings))
+        self.conf.write_text(self._supervisord())
 
     def environment(self, values: dict[str, str] | None = None) -> dict[str, str]:
         """What every tripcast process of the profile (and a user's command beside it) runs with."""
@@ -198,7 +198,7 @@ class Profile:
                             f"--web.listen-address=127.0.0.1:{ports['prometheus']}", "--web.enable-lifecycle"], {}),
         }
 
-    def _supervisord(self, settings: dict) -> str:
+    def _supervisord(self) -> str:
         lines = ["[supervisord]", f"logfile={self.logs / 'supervisord.log'}", f"pidfile={self.run / 'supervisord.pid'}",
                  f"directory={self.dir}", "",
                  "[unix_http_server]", f"file={self.run / 'supervisor.sock'}", "chmod=0700", "",
@@ -249,7 +249,8 @@ class Profile:
                         pass
                 time.sleep(0.5)
         if waiting:
-            raise ProfileError(f"not healthy after {wait:g} s: {', '.join(waiting)} (see {self.logs})")
+            raise ProfileError(f"not healthy after {wait:g} s: {', '.join(waiting)} (see {self.logs}; "
+                               "`python deploy/profile.py down` stops the rest)")
 
     def running(self) -> bool:
         return self.ctl("pid", check=False).returncode == 0
@@ -367,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             for path, text in compose_configs().items():
                 path.write_text(text)
                 print(f"wrote {path.relative_to(HERE.parent)}")
+    except KeyboardInterrupt:
+        print("interrupted; what started keeps running: python deploy/profile.py down stops it", file=sys.stderr)
+        return 130
     except (ProfileError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", None)
         print(f"profile: {exc}" + (f"\n{detail.strip()[-500:]}" if detail else ""), file=sys.stderr)

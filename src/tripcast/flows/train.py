@@ -65,7 +65,9 @@ def register(result: training.TrainingResult, validation: training.MonthData, se
     registry = Registry(settings)
     attempt = registration_key()
     earlier = registry.registered_by(attempt) if attempt else None
-    if earlier is not None and "promotion.decision" in earlier.tags:
+    # Decided: promoted, rejected, or in an experiment. "interrupted" (a handler ran as the attempt stopped) and
+    # no decision at all (killed outright) are decided now.
+    if earlier is not None and earlier.tags.get("promotion.decision", "interrupted") != "interrupted":
         get_run_logger().info("version %s was registered and decided by an earlier attempt of this run: not again",
                               earlier.version)
         return _outcome_of(earlier)
