@@ -346,7 +346,7 @@ def test_guards_hold_under_a_storm_of_alerts(world: dict, tmp_path: Path, monkey
 def test_retention_moves_old_rides_to_parquet_and_monitoring_and_labels_work_across_the_cut(
         world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tripcast.flows.retention import retention_flow
-    from tripcast.monitoring.retention import archive_predictions, read_archive
+    from tripcast.monitoring.retention import archive_predictions
 
     settings = fresh(world, tmp_path, retention_days=35.0)
     monkeypatch.setenv("TRIPCAST_MONITORING_URI", settings.resolved_monitoring_uri)
@@ -365,7 +365,8 @@ def test_retention_moves_old_rides_to_parquet_and_monitoring_and_labels_work_acr
     # 2021-03-10 less 35 days is in the week of Monday 2021-02-01: the cut falls there, on a window's start.
     result = retention_flow(datetime(2021, 3, 10))
     assert result["cut"] == "2021-02-01T00:00:00" and result["rows"] == len(old)
-    archived = read_archive(settings.archive_dir)
+    archived = pd.concat([pd.read_parquet(f) for f in sorted(settings.archive_dir.glob("predictions-*.parquet"))],
+                         ignore_index=True)
     assert set(archived["ride_id"]) == old and len(archived) == len(old) and archived["id"].is_unique
     assert (archived["pickup_datetime"] < datetime(2021, 2, 1)).all()
     both = pd.concat([january, february]).set_index("ride_id")

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def profile(action: str, folder: Path, *args: str) -> subprocess.CompletedProces
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory: pytest.TempPathFactory, tlc_mirror: Path) -> Iterator[Deployed]:
     """The whole profile, started once for the module by its one command, with a champion trained through it."""
-    missing = [tool for tool in ("nginx", "prometheus", "redis-server") if not shutil_which(tool)]
+    missing = [tool for tool in ("nginx", "prometheus", "redis-server") if not shutil.which(tool)]
     if missing:
         message = f"the production-profile tests need {', '.join(missing)} (apt-get install nginx prometheus)"
         pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
@@ -108,12 +109,6 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, tlc_mirror: Path) -> Iter
                 conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{prefix}_{name}" WITH (FORCE)'))
         admin.dispose()
         assert stopped.returncode == 0, stopped.stderr
-
-
-def shutil_which(tool: str) -> str | None:
-    import shutil
-
-    return shutil.which(tool)
 
 
 def _tail(logs: Path) -> str:

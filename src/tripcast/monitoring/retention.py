@@ -78,8 +78,3 @@ def _write_durably(rows: pd.DataFrame, path: Path) -> None:
     finally:
         os.close(directory)
 
-
-def read_archive(folder: Path) -> pd.DataFrame:
-    """Every archived prediction (for a look back past the cut)."""
-    files = sorted(folder.glob("predictions-*.parquet"))
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else pd.DataFrame()
