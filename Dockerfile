@@ -3,7 +3,8 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install --no-cache-dir --prefix=/install .
+# With Dask (the [dask] extra): the same image runs `dask worker tcp://scheduler:8786` for TRIPCAST_DASK.
+RUN pip install --no-cache-dir --prefix=/install ".[dask]"
 
 FROM python:3.11-slim
 # libgomp: LightGBM's OpenMP runtime.

@@ -47,6 +47,8 @@ def _bad_values(name: str) -> list[str] | None:
     number, not finite, not one of its choices. None for settings that are free text or paths."""
     if name == "retrain_model":  # a choice among the model families, checked against them
         return ["xgboost"]
+    if name == "dask":  # local, local:N or a scheduler's address
+        return ["yarn", "local:0", "local:x", "tcp://"]
     info = Settings.__pydantic_fields__[name]
     annotation, metadata = info.annotation, list(info.metadata)
     inner = [a for a in get_args(annotation) if a is not type(None)]

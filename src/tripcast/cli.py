@@ -41,8 +41,11 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
 
-def _settings(verbose: bool = False) -> Settings:
-    """Load settings and give Prefect its own quiet home under TRIPCAST_HOME (before Prefect is imported)."""
+def _settings(verbose: bool = False, dask: str | None = None) -> Settings:
+    """Load settings and give Prefect its own quiet home under TRIPCAST_HOME (before Prefect is imported).
+    ``dask`` (--dask) stands for TRIPCAST_DASK, so the flows, which load settings themselves, see it too."""
+    if dask is not None:
+        os.environ["TRIPCAST_DASK"] = dask
     settings = load_settings()
     if "TRIPCAST_HOME" not in os.environ and not settings.home.exists():  # the default is relative to where the
         # command runs: a second home must not appear unseen
@@ -112,13 +115,16 @@ def main() -> None:
 
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect and MLflow progress logs.")]
-Color = Annotated[str, typer.Option(help="Taxi type: green, yellow or fhv.")]
+Color = Annotated[str, typer.Option(help="Taxi type: green, yellow, fhv, fhvhv (synth-<type>: tripcast data synth).")]
+Dask = Annotated[str | None, typer.Option("--dask", help="Read months (and train, score) on a Dask cluster: local, "
+                                                         "local:N workers, or a scheduler tcp://host:8786 "
+                                                         "(TRIPCAST_DASK; '' in-process).")]
 
 
 # --- data ----------------------------------------------------------------------------------------------
 @data_app.command("pull")
 def data_pull(
-    color: Annotated[str, typer.Argument(help="green, yellow or fhv")],
+    color: Annotated[str, typer.Argument(help="green, yellow, fhv or fhvhv")],
     first: Annotated[str, typer.Argument(help="First month, YYYY-MM")],
     last: Annotated[str | None, typer.Argument(help="Last month, YYYY-MM (default: FIRST)")] = None,
 ) -> None:
@@ -134,7 +140,7 @@ def data_pull(
 
 @data_app.command("drift")
 def data_drift(
-    color: Annotated[str, typer.Argument(help="green, yellow or fhv")],
+    color: Annotated[str, typer.Argument(help="green, yellow, fhv or fhvhv")],
     month: Annotated[str, typer.Argument(help="Month, YYYY-MM")],
     kind: Annotated[str, typer.Option(help="slower-traffic, longer-distances or zone-shift")],
     out_dir: Annotated[str, typer.Option("--out", help="Folder to write to (use it as TRIPCAST_TLC_MIRROR).")],
@@ -147,6 +153,41 @@ def data_drift(
 
     path = inject(color, month, kind, _settings(), Path(out_dir), strength)
     out.print(f"{kind} {color} {month} -> {path}", highlight=False)
+
+
+@data_app.command("synth")
+def data_synth(
+    like: Annotated[tuple[str, str], typer.Option(help="Colour and month whose rides are resampled, e.g. green "
+                                                      "2021-01.")],
+    rides: Annotated[str, typer.Option(help="How many rides: 2000000, 2M or 30M.")],
+    out_dir: Annotated[str, typer.Option("--out", help="Folder to write to (use it as TRIPCAST_TLC_MIRROR).")],
+    month: Annotated[str | None, typer.Option(help="Month written, YYYY-MM (default: the --like month).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the resampling.")] = 0,
+) -> None:
+    """Write a synthetic month (real rides resampled with jitter) as synth-<colour>: for scale tests, not TLC data."""
+    from tripcast.data import tlc
+    from tripcast.data.synth import synthesize
+
+    color, like_month = like
+    tlc.check_color(color)
+    count = _count(rides, "--rides")
+    path = synthesize(color, tlc.Month.parse(like_month), count, Path(out_dir), _settings(),
+                      tlc.Month.parse(month) if month else None, seed)
+    out.print(f"{tlc.SYNTHETIC}{color} {month or like_month}: {count:,} rides resampled from {color} {like_month} "
+              f"-> {path}", highlight=False)
+
+
+def _count(text: str, option: str) -> int:
+    """2000000, 2_000_000, 2M, 500k."""
+    raw = text.strip().lower().replace("_", "").replace(",", "")
+    scale = {"k": 1_000, "m": 1_000_000}.get(raw[-1:], 1)
+    try:
+        value = float(raw[:-1] if scale > 1 else raw) * scale
+    except ValueError:
+        _fail(f"{option} {text!r} is not a count (e.g. 2000000, 2M, 500k)")
+    if not value.is_integer() or value < 1:
+        _fail(f"{option} {text!r} must be a whole number of rides, at least 1")
+    return int(value)
 
 
 @data_app.command("info")
@@ -172,6 +213,9 @@ def train(
     timeout: Annotated[float | None, typer.Option(help="Tuning time budget in seconds.", min=1)] = None,
     no_promote: Annotated[bool, typer.Option("--no-promote", help="Register as challenger only.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    train_to: Annotated[str | None, typer.Option(help="Last training month YYYY-MM: train on --train-month to "
+                                                       "this.")] = None,
+    dask: Dask = None,
     verbose: Verbose = False,
 ) -> None:
     """Run the training flow: load, validate, features, train, evaluate, register."""
@@ -184,13 +228,22 @@ def train(
     from tripcast.data import tlc
 
     tlc.check_color(color)
-    for month in (train_month, val_month):  # a malformed month in a moment, before the registry and Prefect
+    for month in (train_month, val_month, train_to):  # a malformed month in a moment, before the registry
         if month is not None:
             tlc.Month.parse(month)
-    _ready_for_flows(_settings(verbose))
+    if train_to is not None:
+        if train_month is None:
+            _fail("--train-to needs --train-month")
+        tlc.month_range(train_month, train_to)
+    settings = _settings(verbose, dask)
+    from tripcast.cluster import check_trainable
+
+    check_trainable(settings, model, bool(trials or timeout))
+    _ready_for_flows(settings)
     from tripcast.flows.train import train_flow
 
-    result = train_flow(color, train_month, val_month, model, trials, timeout, promote=not no_promote)
+    result = train_flow(color, train_month, val_month, model, trials, timeout, promote=not no_promote,
+                        train_to=train_to)
     if as_json:
         print(json.dumps(result))
         return
@@ -213,6 +266,7 @@ def evaluate(
     month: Annotated[str, typer.Option(help="Month to score, YYYY-MM.")],
     alias: Annotated[str, typer.Option(help="Alias or version number.")] = "champion",
     color: Color = "green",
+    dask: Dask = None,
     verbose: Verbose = False,
 ) -> None:
     """Score a registered model on a month it has not seen."""
@@ -220,7 +274,7 @@ def evaluate(
 
     tlc.check_color(color)
     tlc.Month.parse(month)
-    _ready_for_flows(_settings(verbose))
+    _ready_for_flows(_settings(verbose, dask))
     from tripcast.flows.train import evaluate_flow
 
     result = evaluate_flow(color, month, alias)
@@ -234,6 +288,7 @@ def score(
     to: Annotated[str | None, typer.Option(help="Last month of a backfill, YYYY-MM.")] = None,
     alias: Annotated[str, typer.Option(help="Alias or version number.")] = "champion",
     color: Color = "green",
+    dask: Dask = None,
     verbose: Verbose = False,
 ) -> None:
     """Batch-score months with a registered model into predictions/<colour>/<YYYY-MM>.parquet."""
@@ -241,7 +296,7 @@ def score(
 
     tlc.check_color(color)
     tlc.month_range(month, to or month)
-    _ready_for_flows(_settings(verbose))
+    _ready_for_flows(_settings(verbose, dask))
     from tripcast.flows.score import score_flow
 
     result = score_flow(color, month, to, alias)
@@ -413,10 +468,11 @@ def monitor(
                                                    "window large enough to measure).")] = None,
     automate: Annotated[bool | None, typer.Option("--automate/--no-automate",
                                                   help="Let alerts retrain (default: TRIPCAST_AUTOMATE).")] = None,
+    dask: Dask = None,
     verbose: Verbose = False,
 ) -> None:
     """Measure windows of logged predictions (drift, quality, accuracy), fire alerts, apply the policy."""
-    settings = _settings(verbose)
+    settings = _settings(verbose, dask)
     from tripcast.monitoring.windows import window_of
 
     window_of(window or settings.window, datetime.now())  # an unknown window length fails here, in one line
@@ -507,10 +563,11 @@ def loop(
     drift_from: Annotated[str | None, typer.Option(help="First drifted month (default: --from).")] = None,
     drift_strength: Annotated[float | None, typer.Option(help="Factor (or zones swapped).")] = None,
     api_url: Annotated[str | None, typer.Option(help="A running API (default: start one).")] = None,
+    dask: Dask = None,
     verbose: Verbose = False,
 ) -> None:
     """Rehearse the loop: replay months as traffic, labels later, monitor, retrain, promote; print a timeline."""
-    settings = _settings(verbose)
+    settings = _settings(verbose, dask)
     from tripcast.data import tlc
 
     tlc.check_color(color)  # before the rehearsal's imports (2 s): bad months are refused at once

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import annotated_types
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from tripcast.errors import TripcastError
@@ -36,6 +37,37 @@ Name = Annotated[str, Field(min_length=1)]
 
 class ConfigError(TripcastError, ValueError):
     """A setting has a value tripcast cannot use."""
+
+
+_SCHEDULER = re.compile(r"(tcp|tls|ws|wss)://[^\s/]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class DaskTarget:
+    """Where work on a Dask cluster runs: an existing scheduler (``address``), or a LocalCluster of ``workers``
+    processes that tripcast starts and stops (``address`` None)."""
+
+    address: str | None = None
+    workers: int = 2
+
+    @classmethod
+    def parse(cls, value: object) -> DaskTarget | None:
+        """'' (in-process: no Dask), 'local' (a worker per core), 'local:N' or a scheduler address."""
+        if value is None or isinstance(value, DaskTarget):
+            return value
+        text = str(value).strip()
+        if text == "":
+            return None
+        if text == "local":
+            return cls(None, os.cpu_count() or 1)
+        if (match := re.fullmatch(r"local:(\d+)", text)) and 1 <= int(match.group(1)) <= 256:
+            return cls(None, int(match.group(1)))
+        if _SCHEDULER.fullmatch(text):
+            return cls(text)
+        raise ValueError("local, local:N (1 to 256 workers) or a scheduler address such as tcp://host:8786")
+
+    def __str__(self) -> str:
+        return self.address or f"local:{self.workers}"
 
 
 @dataclass(frozen=True, config=ConfigDict(allow_inf_nan=False, extra="forbid"))
@@ -61,6 +93,11 @@ class Settings:
     max_distance: Annotated[float, Field(gt=0)] | None = None  # miles; None keeps the course's filters
     promotion_margin: Annotated[float, Field(ge=0, lt=1)] = 0.01  # relative RMSE gain needed over the champion
     progress: bool = True
+    # The engine for commands that read months (train, evaluate, score, monitor, loop): None in-process, else a
+    # Dask cluster (tripcast.cluster). Local clusters get this much memory per worker (None: Dask's share).
+    dask: Annotated[DaskTarget | None, BeforeValidator(DaskTarget.parse)] = None
+    dask_worker_memory_gb: Annotated[float, Field(gt=0)] | None = None
+    dask_connect_seconds: Annotated[float, Field(gt=0, le=600)] = 10.0
     # Serving (see tripcast.serving): alias followed, traffic policy, prediction log.
     serve_alias: Name = "champion"
     poll_seconds: Annotated[float, Field(ge=0.05, le=86_400)] = 10.0
@@ -91,6 +128,8 @@ class Settings:
     # were measured on green 2021-2023: weekly 2021 windows stay below them, 2023 windows do not.
     window: Literal["day", "week"] = "week"  # a day of green taxi rides is too few for stable zone statistics
     min_window_rows: Count = 500  # fewer rides than this in a window: no drift verdict
+    # Larger windows are read from the store in slices: counts exact, Evidently's drift on a uniform sample this big.
+    drift_sample_rows: Annotated[int, Field(ge=1000)] = 200_000
     reports_keep: Annotated[int, Field(ge=0)] = 500  # Evidently HTML reports kept, newest windows; 0: none
     # Logged predictions older than this (by pickup) move from the store to parquet under home/archive (the
     # retention flow); None keeps them all in the store.

@@ -51,6 +51,12 @@ class DropReport:
     def rows_out(self) -> int:
         return self.rows_in - sum(self.dropped.values())
 
+    def __add__(self, other: DropReport) -> DropReport:
+        """Counts of two sets of rides filtered apart (months, partitions on a cluster)."""
+        rules = list(dict.fromkeys([*self.dropped, *other.dropped]))
+        return DropReport(self.rows_in + other.rows_in,
+                          {rule: self.dropped.get(rule, 0) + other.dropped.get(rule, 0) for rule in rules})
+
     def as_metrics(self, prefix: str) -> dict[str, float]:
         metrics = {f"{prefix}_rows_in": self.rows_in, f"{prefix}_rows_out": self.rows_out}
         metrics.update({f"{prefix}_dropped_{rule}": count for rule, count in self.dropped.items()})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,22 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part")
     try:
         yield tmp
-        os.replace(tmp, path)
+        replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace(source: Path, path: Path) -> None:
+    """``os.replace``, also of a folder by a file or a file (or folder) by a folder: what was there is moved aside
+    first and removed after, so ``path`` is always whole (batch scoring writes a file in-process, a folder of
+    parts on a cluster)."""
+    if not (path.is_dir() or (source.is_dir() and path.exists())):
+        os.replace(source, path)
+        return
+    earlier = path.with_name(f".{path.name}.replaced-{secrets.token_hex(4)}")
+    os.replace(path, earlier)
+    os.replace(source, path)
+    if earlier.is_dir():
+        shutil.rmtree(earlier)
+    else:
+        earlier.unlink()

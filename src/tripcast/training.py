@@ -13,6 +13,7 @@ import logging
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -58,7 +59,7 @@ class MonthData:
     month: tlc.Month | str
     source: str
     digest: str
-    rides: pd.DataFrame
+    rides: pd.DataFrame  # read on a Dask cluster (tripcast.cluster.data), a lazy Dask frame of them
     drops: feats.DropReport
     start: datetime  # the rides' pickups are in [start, end)
     end: datetime
@@ -81,6 +82,18 @@ def prepare_month(color: str, month: str | tlc.Month, raw: pd.DataFrame, setting
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
     return MonthData(color, month, tlc.source_address(color, month, settings), digest, rides, drops,
                      month.start.to_pydatetime(), month.end.to_pydatetime(), inputs)
+
+
+def prepare_months(color: str, months: list[tlc.Month], raws: list[pd.DataFrame], settings: Settings) -> MonthData:
+    """Several months, each validated as a month (its own pickup bounds), as one period."""
+    parts = [prepare_month(color, month, raw, settings) for month, raw in zip(months, raws, strict=True)]
+    if len(parts) == 1:
+        return parts[0]
+    digest = hashlib.sha256("".join(p.digest for p in parts).encode()).hexdigest()[:16]
+    return MonthData(color, tlc.month_label(months), " ".join(p.source for p in parts), digest,
+                     pd.concat([p.rides for p in parts], ignore_index=True), sum((p.drops for p in parts[1:]),
+                                                                                 parts[0].drops),
+                     parts[0].start, parts[-1].end, pd.concat([p.inputs for p in parts], ignore_index=True))
 
 
 def prepare_period(rides: pd.DataFrame, start: datetime, end: datetime, source: str,
@@ -112,6 +125,38 @@ def build_features(train_data: MonthData, val_data: MonthData) -> FeatureSet:
     pre = feats.Preprocessor()
     return FeatureSet(pre, pre.transform(train_data.rides), feats.targets(train_data.rides),
                       pre.transform(val_data.rides), feats.targets(val_data.rides))
+
+
+@dataclass
+class Fit:
+    """A fitted model, its rule baseline fitted on the same rides, and its accuracy on them: made in this
+    process (``fit_in_process``) or on a Dask cluster (tripcast.cluster.training)."""
+
+    estimator: DurationModel
+    baseline: DurationModel
+    train_metrics: dict[str, float]
+    seconds: float
+
+
+# (model, hyper-parameters) -> Fit, for ``train``'s ``fit``.
+Fitter = Callable[[str, dict[str, Any]], Fit]
+
+
+def fit_in_process(fs: FeatureSet) -> Fitter:
+    def fit(model: str, params: dict[str, Any]) -> Fit:
+        started = time.perf_counter()
+        estimator = build(model, **params).fit(fs.train_x, fs.train_y)
+        seconds = time.perf_counter() - started
+        train_pred = TripDurationPipeline(model, estimator, fs.preprocessor).predict_features(fs.train_x)
+        return Fit(estimator, build("baseline").fit(fs.train_x, fs.train_y),
+                   regression_metrics(fs.train_y, train_pred), seconds)
+    return fit
+
+
+def validation_features(val_data: MonthData) -> FeatureSet:
+    """The validation month's alone, for a ``train`` whose ``fit`` has the training rides elsewhere (a cluster)."""
+    pre = feats.Preprocessor()
+    return FeatureSet(pre, pd.DataFrame(), np.empty(0), pre.transform(val_data.rides), feats.targets(val_data.rides))
 
 
 @dataclass
@@ -186,7 +231,7 @@ def _log_dataset(data: MonthData, context: str) -> None:
                                               targets=feats.TARGET, digest=data.digest or None)
         except MlflowException:  # a database MLflow cannot resolve: named in the tags
             dataset = mlflow.data.from_pandas(data.rides.head(1000), name=data.label, targets=feats.TARGET)
-        mlflow.log_input(dataset, context=context, tags={"month": str(data.month), "rows": str(len(data.rides)),
+        mlflow.log_input(dataset, context=context, tags={"month": str(data.month), "rows": str(data.drops.rows_out),
                                                          "source": data.source})
 
 
@@ -199,13 +244,15 @@ def train(
     timeout: float | None = None,
     params: dict[str, Any] | None = None,
     features: FeatureSet | None = None,
+    fit: Fitter | None = None,
 ) -> TrainingResult:
-    """Fit ``model`` on the training month, evaluate on the validation month, log everything to MLflow."""
+    """Fit ``model`` on the training month (in this process, or by ``fit``: then ``features`` holds the validation
+    month's alone), evaluate on the validation month, log everything to MLflow."""
     if model not in FAMILIES:
         raise ValueError(f"unknown model {model!r}: choose one of {', '.join(FAMILIES)}")
     configure(settings)
     fs = features or build_features(train_data, val_data)
-    pre, train_x, train_y, val_x, val_y = fs.preprocessor, fs.train_x, fs.train_y, fs.val_x, fs.val_y
+    pre, val_x, val_y = fs.preprocessor, fs.val_x, fs.val_y
     run_name = f"{model} {train_data.color} {train_data.month}->{val_data.month}"
     with mlflow.start_run(run_name=run_name) as run:
         mlflow.set_tags(source_tags() | {
@@ -219,17 +266,15 @@ def train(
         params = dict(params or {})
         if trials or timeout:
             params |= tune(model, train_data, trials or 1_000_000, timeout)
-        started = time.perf_counter()
-        estimator = build(model, **params).fit(train_x, train_y)
-        train_seconds = time.perf_counter() - started
+        fitted = (fit or fit_in_process(fs))(model, params)
+        estimator, baseline = fitted.estimator, fitted.baseline
         pipeline = TripDurationPipeline(model, estimator, pre)
         val_pred = pipeline.predict_features(val_x)
-        baseline = build("baseline").fit(train_x, train_y)
         baseline_pred = baseline.predict(val_x)
-        metrics = {f"train_{k}": v for k, v in regression_metrics(train_y, pipeline.predict_features(train_x)).items()}
+        metrics = {f"train_{k}": v for k, v in fitted.train_metrics.items()}
         metrics |= {f"val_{k}": v for k, v in regression_metrics(val_y, val_pred).items()}
         metrics["baseline_val_rmse"] = regression_metrics(val_y, baseline_pred)["rmse"]
-        metrics["train_seconds"] = train_seconds
+        metrics["train_seconds"] = fitted.seconds
         mlflow.log_params({"model": model, "color": train_data.color, "train_month": str(train_data.month),
                            "val_month": str(val_data.month), "min_duration": settings.min_duration,
                            "max_duration": settings.max_duration, "max_distance": settings.max_distance,

@@ -47,7 +47,7 @@ def inject(color: str, month: str | tlc.Month, kind: str, settings: Settings, ou
     if strength <= 0:
         raise DataError(f"drift strength must be positive, got {strength}")
     table = pq.read_table(tlc.fetch(color, month, settings))
-    raw = {canonical: name for name, canonical in tlc.SCHEMAS[color].items()}
+    raw = {canonical: name for name, canonical in tlc.schema_of(color).items()}
     pickup = table[raw["pickup_datetime"]].cast(pa.timestamp("us")).to_numpy(zero_copy_only=False)
     dropoff = table[raw["dropoff_datetime"]].cast(pa.timestamp("us")).to_numpy(zero_copy_only=False)
     changed: dict[str, np.ndarray] = {}

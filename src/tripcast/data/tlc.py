@@ -29,7 +29,8 @@ from tripcast.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-# Raw column names per colour -> canonical names. FHV files have no distance column.
+# Raw column names per colour -> canonical names. FHV files have no distance column; high-volume FHV calls it
+# trip_miles. Yellow 2023-01's airport_fee (later Airport_fee) and other dtype changes lie outside these columns.
 SCHEMAS: dict[str, dict[str, str]] = {
     "green": {
         "lpep_pickup_datetime": "pickup_datetime",
@@ -51,9 +52,22 @@ SCHEMAS: dict[str, dict[str, str]] = {
         "PUlocationID": "PULocationID",
         "DOlocationID": "DOLocationID",
     },
+    "fhvhv": {
+        "pickup_datetime": "pickup_datetime",
+        "dropoff_datetime": "dropoff_datetime",
+        "PULocationID": "PULocationID",
+        "DOLocationID": "DOLocationID",
+        "trip_miles": "trip_distance",
+    },
 }
 COLORS = tuple(SCHEMAS)
-CANONICAL_COLUMNS = ["pickup_datetime", "dropoff_datetime", "PULocationID", "DOLocationID", "trip_distance"]
+# Months written by `tripcast data synth` (resampled rides in a colour's schema): "synth-green" and so on, a name
+# in every file, folder and run, so that nobody takes them for the TLC's.
+SYNTHETIC = "synth-"
+CANONICAL_SCHEMA = pa.schema([("pickup_datetime", pa.timestamp("us")), ("dropoff_datetime", pa.timestamp("us")),
+                              ("PULocationID", pa.int32()), ("DOLocationID", pa.int32()),
+                              ("trip_distance", pa.float64())])
+CANONICAL_COLUMNS = CANONICAL_SCHEMA.names
 FIRST_MONTH = (2009, 1)  # the TLC's records start in 2009
 _MONTH_RE = re.compile(r"^(\d{4})-(\d{2})$")
 
@@ -102,10 +116,21 @@ def month_range(first: str | Month, last: str | Month) -> list[Month]:
     return months
 
 
+def month_label(months: list[Month]) -> str:
+    """"2021-01" for one month, "2021-01..2021-03" for several."""
+    return str(months[0]) if len(months) == 1 else f"{months[0]}..{months[-1]}"
+
+
 def check_color(color: str) -> str:
-    if color not in SCHEMAS:
-        raise DataError(f"unknown colour {color!r}: choose one of {', '.join(COLORS)}")
+    if color.removeprefix(SYNTHETIC) not in SCHEMAS:
+        raise DataError(f"unknown colour {color!r}: choose one of {', '.join(COLORS)} (or {SYNTHETIC}<colour> for "
+                        "months written by tripcast data synth)")
     return color
+
+
+def schema_of(color: str) -> dict[str, str]:
+    """Raw column -> canonical column for the colour (a synthetic colour has its model's schema)."""
+    return SCHEMAS[check_color(color).removeprefix(SYNTHETIC)]
 
 
 def file_name(color: str, month: str | Month) -> str:
@@ -139,7 +164,7 @@ def validate_file(path: Path, color: str) -> int:
         names = set(metadata.schema.to_arrow_schema().names)
     except (pa.ArrowException, OSError) as exc:
         raise CorruptFileError(f"{path.name} is not a readable parquet file ({exc})") from exc
-    missing = sorted(set(SCHEMAS[color]) - names)
+    missing = sorted(set(schema_of(color)) - names)
     if missing:
         raise CorruptFileError(f"{path.name} lacks the {color} columns {missing}")
     return metadata.num_rows
@@ -226,10 +251,10 @@ def fetch(color: str, month: str | Month, settings: Settings) -> Path:
     return dest
 
 
-def _normalise(table: pa.Table, color: str) -> pa.Table:
+def normalise(table: pa.Table, color: str) -> pa.Table:
     """Rename to canonical names and cast: IDs int32 (null -> 0, an invalid zone the filters count),
     timestamps to microseconds, distance float64 (NaN for FHV, which has none)."""
-    mapping = SCHEMAS[color]
+    mapping = schema_of(color)
     table = table.rename_columns([mapping[name] for name in table.column_names])
     columns = {}
     for name in ("pickup_datetime", "dropoff_datetime"):
@@ -240,11 +265,11 @@ def _normalise(table: pa.Table, color: str) -> pa.Table:
         columns["trip_distance"] = table["trip_distance"].cast(pa.float64())
     else:
         columns["trip_distance"] = pa.nulls(table.num_rows, pa.float64())
-    return pa.table({name: columns[name] for name in CANONICAL_COLUMNS})
+    return pa.table({name: columns[name] for name in CANONICAL_COLUMNS}, schema=CANONICAL_SCHEMA)
 
 
 def _read_table(color: str, month: str | Month, settings: Settings) -> pa.Table:
-    return _normalise(pq.read_table(fetch(color, month, settings), columns=list(SCHEMAS[color])), color)
+    return normalise(pq.read_table(fetch(color, month, settings), columns=list(schema_of(color))), color)
 
 
 def read_month(color: str, month: str | Month, settings: Settings) -> pd.DataFrame:
@@ -259,9 +284,10 @@ def read_months(color: str, months: list[Month], settings: Settings) -> pd.DataF
 
 def cached_files(settings: Settings) -> Iterator[dict]:
     """What the cache holds: colour, month, rows, size, path."""
-    for color in COLORS:
+    folders = sorted(settings.data_dir.iterdir()) if settings.data_dir.is_dir() else []
+    for color in [folder.name for folder in folders if folder.name.removeprefix(SYNTHETIC) in SCHEMAS]:
         folder = settings.data_dir / color
-        for path in sorted(folder.glob(f"{color}_tripdata_*.parquet")) if folder.is_dir() else []:
+        for path in sorted(folder.glob(f"{color}_tripdata_*.parquet")):
             month = path.stem.rsplit("_", 1)[-1]
             yield {
                 "color": color,

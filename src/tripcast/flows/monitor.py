@@ -19,10 +19,12 @@ from prefect.deployments.runner import EntrypointType
 from sqlalchemy import make_url
 
 from tripcast import promotion, training
+from tripcast.cluster import cluster_of, mapper
 from tripcast.config import Settings, load_settings
 from tripcast.flows.train import features, register, train
 from tripcast.monitoring import alerts, experiments, policy
 from tripcast.monitoring.windows import (
+    Mapper,
     Window,
     compute_window,
     labelled_training_rides,
@@ -42,8 +44,8 @@ def _parse(value: str | datetime | None) -> datetime | None:
 
 
 @task(cache_policy=NONE)
-def measure_window(window: Window, settings: Settings) -> list[dict]:
-    return compute_window(shared(settings.resolved_monitoring_uri), Registry(settings), window, settings)
+def measure_window(window: Window, settings: Settings, mapper: Mapper = map) -> list[dict]:
+    return compute_window(shared(settings.resolved_monitoring_uri), Registry(settings), window, settings, mapper)
 
 
 @flow(name="monitor")
@@ -62,7 +64,9 @@ def monitor_flow(window: str | None = None, since: str | None = None, until: str
     last = window_of(kind, until_t)
     since_t = _parse(since) or max(span.first, last.start - 3 * (last.end - last.start))
     windows = windows_between(kind, since_t, until_t)
-    measured = {str(w): measure_window(w, settings) for w in windows}
+    with cluster_of(settings) as client:  # TRIPCAST_DASK: the windows' slices are read and tallied there
+        slices_by = map if client is None else mapper(client)
+        measured = {str(w): measure_window(w, settings, slices_by) for w in windows}
     fired = alerts.evaluate_rules(engine, windows, settings)
     looked = experiment_step(settings, until_t)  # first: it may end an experiment, or start a guard
     decision = None

@@ -16,7 +16,9 @@ from prefect.cache_policies import NONE
 from prefect.deployments.runner import EntrypointType
 from prefect.runtime import flow_run
 
+from tripcast import features as feats
 from tripcast import interrupts, promotion, training
+from tripcast.cluster import check_trainable, cluster_of
 from tripcast.config import Settings, load_settings
 from tripcast.data import tlc
 from tripcast.flows import retry_unless_data_error, say
@@ -31,12 +33,26 @@ def load(color: str, month: tlc.Month, settings: Settings) -> pd.DataFrame:
     return tlc.read_month(color, month, settings)
 
 
-@task(cache_policy=NONE)
-def validate(color: str, month: tlc.Month, raw: pd.DataFrame, settings: Settings) -> training.MonthData:
-    data = training.prepare_month(color, month, raw, settings)
+def _log_drops(data: training.MonthData) -> training.MonthData:
     get_run_logger().info("%s: %d rows in, %d kept, dropped %s", data.label, data.drops.rows_in,
                           data.drops.rows_out, {k: v for k, v in data.drops.dropped.items() if v})
     return data
+
+
+@task(cache_policy=NONE)
+def validate(color: str, months: tlc.Month | list[tlc.Month], raw: pd.DataFrame | list[pd.DataFrame],
+             settings: Settings) -> training.MonthData:
+    if isinstance(months, tlc.Month):
+        return _log_drops(training.prepare_month(color, months, raw, settings))
+    return _log_drops(training.prepare_months(color, months, raw, settings))
+
+
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_data_error, cache_policy=NONE)
+def load_on_cluster(client: Any, color: str, months: list[tlc.Month], settings: Settings) -> training.MonthData:
+    """Read and validate months on the Dask cluster: the rides stay there (a Dask frame)."""
+    from tripcast.cluster.data import month_data
+
+    return _log_drops(month_data(client, color, months, settings))
 
 
 @task(cache_policy=NONE)
@@ -46,8 +62,10 @@ def features(train_data: training.MonthData, val_data: training.MonthData) -> tr
 
 @task(cache_policy=NONE)
 def train(train_data: training.MonthData, val_data: training.MonthData, fs: training.FeatureSet, model: str,
-          settings: Settings, trials: int, timeout: float | None) -> training.TrainingResult:
-    return training.train(train_data, val_data, model, settings, trials=trials, timeout=timeout, features=fs)
+          settings: Settings, trials: int, timeout: float | None,
+          fit: training.Fitter | None = None) -> training.TrainingResult:
+    return training.train(train_data, val_data, model, settings, trials=trials, timeout=timeout, features=fs,
+                          fit=fit)
 
 
 # What to do, under the registry's lock, with a version that passed the offline gate instead of promoting it
@@ -155,26 +173,38 @@ def train_flow(
     trials: int = 0,
     timeout: float | None = None,
     promote: bool = True,
+    train_to: str | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` on one month, validate on another, register it, apply the promotion policy.
+    """Train ``model`` on one month (or ``train_month`` to ``train_to``), validate on another, register it, apply
+    the promotion policy. With TRIPCAST_DASK set, the training months are read and the model fitted on the Dask
+    cluster; the validation month and the decision stay here.
 
     With no months given, trains on the two most recent months the TLC publishes (for the schedule).
     """
     settings = load_settings()
     tlc.check_color(color)
+    check_trainable(settings, model, bool(trials or timeout))
     require_registry(settings)  # before any data is loaded: one line if it does not answer
     if train_month is None or val_month is None:
         latest_train, latest_val = tlc.latest_months(color, settings)
         train_month, val_month = train_month or str(latest_train), val_month or str(latest_val)
-    train_m, val_m = tlc.Month.parse(train_month), tlc.Month.parse(val_month)
-    train_raw, val_raw = load(color, train_m, settings), load(color, val_m, settings)
-    train_data = validate(color, train_m, train_raw, settings)
-    val_data = validate(color, val_m, val_raw, settings)
-    fs = features(train_data, val_data)
-    result = train(train_data, val_data, fs, model, settings, trials, timeout)
+    train_ms = tlc.month_range(train_month, train_to or train_month)
+    val_m = tlc.Month.parse(val_month)
+    with cluster_of(settings) as client:
+        fit = None
+        if client is None:
+            train_data = validate(color, train_ms, [load(color, m, settings) for m in train_ms], settings)
+        else:
+            from tripcast.cluster.training import fitter
+
+            train_data = load_on_cluster(client, color, train_ms, settings)
+            fit = fitter(client, train_data.rides, feats.Preprocessor())
+        val_data = validate(color, val_m, load(color, val_m, settings), settings)
+        fs = features(train_data, val_data) if fit is None else training.validation_features(val_data)
+        result = train(train_data, val_data, fs, model, settings, trials, timeout, fit)
     registration = register(result, val_data, settings, promote, fresh=fresh_month(color, val_m, settings))
     return {
-        "run_id": result.run_id, "model": model, "color": color, "train_month": str(train_m),
+        "run_id": result.run_id, "model": model, "color": color, "train_month": tlc.month_label(train_ms),
         "val_month": str(val_m), "registered_model": settings.model_name, **registration,
         "metrics": {k: round(v, 4) for k, v in result.metrics.items()},
     }
@@ -185,11 +215,16 @@ def evaluate_flow(color: str = "green", month: str = "2021-03", alias: str = CHA
     """A registered model (by alias or version) on a month it has not seen."""
     settings = load_settings()
     require_registry(settings)
-    raw = load(color, tlc.Month.parse(month), settings)
-    data = validate(color, tlc.Month.parse(month), raw, settings)
-    version, pipeline = Registry(settings).load_pipeline(alias)
-    return {"version": str(version.version), "alias": alias, "color": color, "month": month,
-            **training.evaluate(pipeline, data)}
+    month_ = tlc.Month.parse(month)
+    with cluster_of(settings) as client:
+        version, pipeline = Registry(settings).load_pipeline(alias)
+        if client is None:
+            figures = training.evaluate(pipeline, validate(color, month_, load(color, month_, settings), settings))
+        else:
+            from tripcast.cluster.training import evaluate
+
+            figures = evaluate(load_on_cluster(client, color, [month_], settings), pipeline)
+    return {"version": str(version.version), "alias": alias, "color": color, "month": month, **figures}
 
 
 @flow(name="quickstart")

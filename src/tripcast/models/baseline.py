@@ -15,7 +15,7 @@ from tripcast.models.base import lookup, read_json, write_json
 DISTANCE_BINS = 30  # 0-1, 1-2, ... 29+ miles
 
 
-def _distance_bin(distance: np.ndarray) -> np.ndarray:
+def distance_bin(distance: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(distance, nan=0.0), 0, DISTANCE_BINS - 1).astype(np.int64)
 
 
@@ -30,18 +30,23 @@ class ZonePairMedian:
 
     def fit(self, features: pd.DataFrame, target: np.ndarray) -> Self:
         frame = pd.DataFrame({"pair": np.asarray(features["zone_pair"]), "y": target,
-                              "bin": _distance_bin(np.asarray(features["trip_distance"]))})
-        stats = frame.groupby("pair")["y"].agg(["size", "median"])
-        stats = stats[stats["size"] >= self.min_trips]
-        self.pairs = stats.index.to_numpy(dtype=np.int64)
-        self.pair_medians = stats["median"].to_numpy(dtype=np.float64)
+                              "bin": distance_bin(np.asarray(features["trip_distance"]))})
+        return self.set_medians(frame.groupby("pair")["y"].agg(["size", "median"]),
+                                frame.groupby("bin")["y"].median(), float(np.median(target)))
+
+    def set_medians(self, by_pair: pd.DataFrame, by_bin: pd.Series, overall: float) -> Self:
+        """From the medians (``by_pair``: size and median per zone pair; ``by_bin``: median per distance bin),
+        wherever they were computed: here, or by a cluster's groupby (tripcast.cluster.training)."""
+        by_pair = by_pair[by_pair["size"] >= self.min_trips].sort_index()
+        self.pairs = by_pair.index.to_numpy(dtype=np.int64)
+        self.pair_medians = by_pair["median"].to_numpy(dtype=np.float64)
         # Empty bins borrow from the nearest shorter bin (distance medians grow with distance).
-        by_bin = frame.groupby("bin")["y"].median().reindex(range(DISTANCE_BINS))
-        self.distance_medians = by_bin.ffill().bfill().fillna(float(np.median(target))).to_numpy()
+        by_bin = by_bin.reindex(range(DISTANCE_BINS))
+        self.distance_medians = by_bin.ffill().bfill().fillna(overall).to_numpy(np.float64)
         return self
 
     def predict(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
-        fallback = self.distance_medians[_distance_bin(np.asarray(features["trip_distance"]))]
+        fallback = self.distance_medians[distance_bin(np.asarray(features["trip_distance"]))]
         return lookup(self.pairs, self.pair_medians, np.asarray(features["zone_pair"]), fallback)
 
     def params(self) -> dict[str, Any]:

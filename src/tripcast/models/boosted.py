@@ -65,18 +65,21 @@ class PairStatistics:
 
     @classmethod
     def fit(cls, features: Mapping[str, np.ndarray], target: np.ndarray, smoothing: float) -> PairStatistics:
-        frame = pd.DataFrame({"pair": np.asarray(features["zone_pair"], dtype=np.int64),
-                              "zone": np.asarray(features["PULocationID"], dtype=np.int64), "minutes": target,
-                              "log_pace": _log_pace(target, np.asarray(features["trip_distance"]))})
-        mean_minutes, mean_log_pace = float(frame["minutes"].mean()), float(frame["log_pace"].mean())
-        zones = frame.groupby("zone")["minutes"].agg(["sum", "size"])
-        zone_minutes = (zones["sum"] + smoothing * mean_minutes) / (zones["size"] + smoothing)
-        pairs = frame.groupby("pair").agg(minutes=("minutes", "sum"), log_pace=("log_pace", "sum"),
-                                          rides=("minutes", "size"), zone=("zone", "first"))
-        prior = zone_minutes.reindex(pairs["zone"]).to_numpy()
-        weight = pairs["rides"].to_numpy() + smoothing
-        return cls(pairs.index.to_numpy(np.int64), (pairs["minutes"].to_numpy() + smoothing * prior) / weight,
-                   (pairs["log_pace"].to_numpy() + smoothing * mean_log_pace) / weight,
+        return cls.from_sums(pair_sums(features, target), smoothing)
+
+    @classmethod
+    def from_sums(cls, sums: pd.DataFrame, smoothing: float) -> PairStatistics:
+        """From per-pair sums (``pair_sums``: indexed by zone pair; minutes, log_pace, rides), wherever they were
+        added up: in this process, or by a cluster's groupby (tripcast.cluster.training)."""
+        sums = sums[sums["rides"] > 0].sort_index()
+        rides = float(sums["rides"].sum())
+        mean_minutes, mean_log_pace = float(sums["minutes"].sum()) / rides, float(sums["log_pace"].sum()) / rides
+        zones = sums.groupby(sums.index.to_numpy(np.int64) // 1000)[["minutes", "rides"]].sum()
+        zone_minutes = (zones["minutes"] + smoothing * mean_minutes) / (zones["rides"] + smoothing)
+        prior = zone_minutes.reindex(sums.index.to_numpy(np.int64) // 1000).to_numpy()
+        weight = sums["rides"].to_numpy(np.float64) + smoothing
+        return cls(sums.index.to_numpy(np.int64), (sums["minutes"].to_numpy() + smoothing * prior) / weight,
+                   (sums["log_pace"].to_numpy() + smoothing * mean_log_pace) / weight,
                    zones.index.to_numpy(np.int64), zone_minutes.to_numpy(np.float64), mean_minutes, mean_log_pace)
 
     def encode(self, features: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +102,15 @@ class PairStatistics:
         return cls(**arrays, mean_minutes=data["mean_minutes"], mean_log_pace=data["mean_log_pace"])
 
 
-def _log_pace(minutes: np.ndarray, distance: np.ndarray) -> np.ndarray:
+def pair_sums(features: Mapping[str, np.ndarray], target: np.ndarray) -> pd.DataFrame:
+    """Per zone pair: the sum of durations, the sum of log paces and the number of rides."""
+    frame = pd.DataFrame({"pair": np.asarray(features["zone_pair"], dtype=np.int64), "minutes": target,
+                          "log_pace": log_pace(target, np.asarray(features["trip_distance"]))})
+    return frame.groupby("pair").agg(minutes=("minutes", "sum"), log_pace=("log_pace", "sum"),
+                                     rides=("minutes", "size"))
+
+
+def log_pace(minutes: np.ndarray, distance: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(minutes, 1e-3) / np.maximum(np.nan_to_num(distance), MIN_PACE_DISTANCE))
 
 
@@ -181,6 +192,24 @@ class LightGBMDuration:
                   PairStatistics.fit(features, target, smoothing) if with_pairs else None)
         return self
 
+    @classmethod
+    def from_booster(cls, booster: lgb.Booster, pair_stats: PairStatistics | None, seed: int = 42,
+                     **params: Any) -> Self:
+        """A model whose trees were grown elsewhere (lightgbm.dask on a cluster): the same plain model."""
+        model = cls(seed=seed, **params)
+        model._set(booster, pair_stats)
+        return model
+
+    def __getstate__(self) -> dict:
+        # Sent to Dask workers for batch scoring: the trees as LightGBM's text, rebuilt there; the C handles stay.
+        return {"params": self.hyperparams, "seed": self.seed, "threads": self.threads,
+                "trees": self.booster.model_to_string() if self.booster else None, "pair_stats": self.pair_stats}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["seed"], state["threads"], **state["params"])
+        if state["trees"] is not None:
+            self._set(lgb.Booster(model_str=state["trees"]), state["pair_stats"])
+
     def _set(self, booster: lgb.Booster, pair_stats: PairStatistics | None) -> None:
         self.booster, self.pair_stats = booster, pair_stats
         self._single = _SingleRow(booster)
@@ -248,7 +277,5 @@ class LightGBMDuration:
         meta = read_json(folder / "lightgbm.json")
         # Without pair statistics: trained without them, or saved by tripcast 0.1 (rollback must reach those).
         stats = meta.get("pair_statistics")
-        model = cls(seed=meta["seed"], **meta["params"])
-        model._set(lgb.Booster(model_file=str(folder / "lightgbm.txt")),
-                   PairStatistics.from_dict(stats) if stats else None)
-        return model
+        return cls.from_booster(lgb.Booster(model_file=str(folder / "lightgbm.txt")),
+                                PairStatistics.from_dict(stats) if stats else None, meta["seed"], **meta["params"])

@@ -8,8 +8,11 @@ data quality, and, once labels have arrived, the realised RMSE and MAE against t
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -18,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.spatial.distance import jensenshannon
-from sqlalchemy import String, and_, func, select, type_coerce
+from sqlalchemy import Select, String, and_, func, select, type_coerce
 from sqlalchemy.engine import Engine
 
 from tripcast.config import ConfigError, Settings
@@ -141,24 +144,62 @@ def load_reference(registry: Registry, version: str, settings: Settings) -> Refe
     return Reference(version, frame, accuracy["rmse"], accuracy["mae"])
 
 
-def logged_rides(engine: Engine, start: datetime, end: datetime, labelled_only: bool = False) -> pd.DataFrame:
+def logged_rides(engine: Engine, start: datetime, end: datetime, labelled_only: bool = False,
+                 ride_ids: bool = True) -> pd.DataFrame:
     """Predictions with pickup in [start, end), joined to their labels; ``actual`` is NaN until one arrives."""
     p, lab = predictions.c, labels.c
     # Times come back as text and are parsed by pandas in one go: SQLAlchemy's per-row datetime parsing
     # was most of the cost of a 1M-row window on SQLite.
     as_text = [type_coerce(p.pickup_datetime, String).label("pickup_datetime"),
                type_coerce(lab.dropoff_datetime, String).label("dropoff_datetime")]
-    query = (select(p.ride_id, p.PULocationID, p.DOLocationID, p.trip_distance, p.prediction, p.model_version,
-                    p.arm, p.shadow_prediction, lab.actual_duration, *as_text)
-             .select_from(predictions.join(labels, p.ride_id == lab.ride_id, isouter=not labelled_only))
-             .where(and_(p.pickup_datetime >= start, p.pickup_datetime < end)))
-    with engine.connect() as conn:
-        frame = pd.read_sql(query, conn)
+    columns = [*[p.ride_id] * ride_ids, p.PULocationID, p.DOLocationID, p.trip_distance, p.prediction,
+               p.model_version, p.arm, p.shadow_prediction]
+    in_time = and_(p.pickup_datetime >= start, p.pickup_datetime < end)
+    if engine.dialect.name == "postgresql" and not labelled_only:
+        # Each ride's label by its key: PostgreSQL joined a slice of a window by hashing the whole labels table,
+        # once per slice (10M labels, 40 slices: most of three minutes).
+        label = lambda column: select(column).where(lab.ride_id == p.ride_id).scalar_subquery()  # noqa: E731
+        query = select(*columns, label(lab.actual_duration).label("actual_duration"),
+                       type_coerce(label(lab.dropoff_datetime), String).label("dropoff_datetime"),
+                       as_text[0]).where(in_time)
+    else:
+        query = (select(*columns, lab.actual_duration, *as_text)
+                 .select_from(predictions.join(labels, p.ride_id == lab.ride_id, isouter=not labelled_only))
+                 .where(in_time))
+    frame = _copy_out(engine, query) if engine.dialect.name == "postgresql" else _read_sql(engine, query)
     for column in ("pickup_datetime", "dropoff_datetime"):
         frame[column] = pd.to_datetime(frame[column], format="ISO8601")
     from_dropoff = (frame["dropoff_datetime"] - frame["pickup_datetime"]).dt.total_seconds() / 60.0
     frame["actual"] = frame["actual_duration"].astype(float).fillna(from_dropoff)
     return frame.drop(columns=["actual_duration", "dropoff_datetime"])
+
+
+def _read_sql(engine: Engine, query: Select) -> pd.DataFrame:
+    with engine.connect() as conn:
+        return pd.read_sql(query, conn)
+
+
+_TEXT = {"ride_id", "model_version", "arm"}
+
+
+def _copy_out(engine: Engine, query: Select) -> pd.DataFrame:
+    """PostgreSQL's COPY of the query as CSV, parsed by Arrow: a window of millions of rides fetched row by row
+    through the driver cost more than PostgreSQL spent finding them."""
+    import pyarrow as pa
+    from pyarrow import csv
+
+    sql = query.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True})
+    buffer = io.BytesIO()
+    with engine.connect() as conn, conn.connection.driver_connection.cursor().copy(
+            f"COPY ({sql}) TO STDOUT WITH (FORMAT csv, HEADER true)") as copy:
+        for block in copy:
+            buffer.write(block)
+    buffer.seek(0)
+    names = [column.name for column in query.selected_columns]
+    types = {name: pa.string() if name in _TEXT else pa.timestamp("us") if name.endswith("_datetime")
+             else pa.float64() for name in names}
+    table = csv.read_csv(buffer, convert_options=csv.ConvertOptions(column_types=types, strings_can_be_null=False))
+    return table.to_pandas()
 
 
 def labelled_training_rides(engine: Engine, start: datetime, end: datetime) -> pd.DataFrame:
@@ -175,11 +216,16 @@ def labelled_training_rides(engine: Engine, start: datetime, end: datetime) -> p
 def od_drift(reference_pairs: np.ndarray, current_pairs: np.ndarray, top: int = OD_TOP_PAIRS) -> float:
     """Jensen-Shannon distance (base 2, 0..1) between the zone-pair mixes: the reference's ``top`` pairs and
     one bucket for all others, so that thousands of rare pairs do not turn sampling noise into drift."""
+    return od_drift_of_counts(reference_pairs, pd.Series(current_pairs).value_counts(), top)
+
+
+def od_drift_of_counts(reference_pairs: np.ndarray, current: pd.Series, top: int = OD_TOP_PAIRS) -> float:
+    """``od_drift`` from the current rides' counts per zone pair."""
     counts = pd.Series(reference_pairs).value_counts()
     keep = counts.index[:top]
     ref = np.append(counts.iloc[:top].to_numpy(float), len(reference_pairs) - counts.iloc[:top].sum())
-    cur = pd.Series(current_pairs).value_counts().reindex(keep, fill_value=0).to_numpy(float)
-    cur = np.append(cur, len(current_pairs) - cur.sum())
+    cur = current.reindex(keep, fill_value=0).to_numpy(float)
+    cur = np.append(cur, current.sum() - cur.sum())
     return float(jensenshannon(ref, cur, base=2))
 
 
@@ -217,46 +263,101 @@ def drift_report(current: pd.DataFrame, reference: pd.DataFrame, settings: Setti
     return values
 
 
+@dataclass
+class Tally:
+    """One model version's rides in a window, or in a slice of it: exact counts (quality, arms, zone pairs,
+    labelled errors) that add up slice by slice, and a uniform sample of the rides for Evidently's drift."""
+
+    rows: int = 0
+    arms: pd.Series = dataclasses.field(default_factory=lambda: pd.Series(dtype=np.int64))
+    missing: int = 0
+    unknown_zones: int = 0  # pickup and drop-off zones that are "Unknown", counted apart
+    distance_out: int = 0  # above the reference's 99.9th percentile, or not positive
+    pairs: pd.Series = dataclasses.field(default_factory=lambda: pd.Series(dtype=np.int64))
+    labelled: int = 0  # labelled rides the model is meant for, with their squared and absolute errors
+    squared_error: float = 0.0
+    absolute_error: float = 0.0
+    shadow: int = 0
+    shadow_squared_error: float = 0.0
+    sample: pd.DataFrame | None = None
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame, distance_cap: float, settings: Settings, share: float = 1.0,
+           seed: int = 0) -> Tally:
+        """The tally of ``frame`` (``logged_rides``' columns); ``share``: the sample's share of its rows."""
+        distance = frame["trip_distance"]
+        actual = frame["actual"]
+        meant = frame[actual.notna() & (actual >= settings.min_duration) & (actual <= settings.max_duration)]
+        error = meant["actual"].to_numpy(float) - meant["prediction"].to_numpy(float)
+        shadow = meant[meant["shadow_prediction"].notna()]
+        shadow_error = shadow["actual"].to_numpy(float) - shadow["shadow_prediction"].to_numpy(float)
+        keep = np.random.default_rng(seed).random(len(frame)) < share if share < 1 else slice(None)
+        return cls(len(frame), frame["arm"].value_counts(),
+                   int(frame[["PULocationID", "DOLocationID", "trip_distance", "pickup_datetime"]].isna()
+                       .any(axis=1).sum()),
+                   int(frame["PULocationID"].isin(UNKNOWN_ZONES).sum() + frame["DOLocationID"].isin(UNKNOWN_ZONES)
+                       .sum()),
+                   int((distance > distance_cap).sum() + (distance <= 0).sum()),
+                   pd.Series(zone_pair(frame["PULocationID"].to_numpy(np.int64),
+                                       frame["DOLocationID"].to_numpy(np.int64))).value_counts(),
+                   len(meant), float(np.sum(error**2)), float(np.sum(np.abs(error))), len(shadow),
+                   float(np.sum(shadow_error**2)), frame[keep].reset_index(drop=True))
+
+    def __add__(self, other: Tally) -> Tally:
+        samples = [t.sample for t in (self, other) if t.sample is not None and len(t.sample)]
+        return Tally(self.rows + other.rows, self.arms.add(other.arms, fill_value=0).astype(np.int64),
+                     self.missing + other.missing, self.unknown_zones + other.unknown_zones,
+                     self.distance_out + other.distance_out,
+                     self.pairs.add(other.pairs, fill_value=0).astype(np.int64), self.labelled + other.labelled,
+                     self.squared_error + other.squared_error, self.absolute_error + other.absolute_error,
+                     self.shadow + other.shadow, self.shadow_squared_error + other.shadow_squared_error,
+                     pd.concat(samples, ignore_index=True) if len(samples) > 1 else (samples or [None])[0])
+
+
+def distance_cap(reference: Reference) -> float:
+    return float(reference.frame["trip_distance"].quantile(0.999))
+
+
 def measure(frame: pd.DataFrame, reference: Reference, settings: Settings,
             html: Path | None = None) -> list[tuple[str, float | None, float | None, bool | None]]:
     """(metric, value, threshold, breached) for one window's rows of one model version."""
-    rows = len(frame)
+    return measure_tally(Tally.of(frame, distance_cap(reference), settings), reference, settings, html)
+
+
+def measure_tally(tally: Tally, reference: Reference, settings: Settings,
+                  html: Path | None = None) -> list[tuple[str, float | None, float | None, bool | None]]:
+    """``measure`` from a tally: counts and accuracy exact, drift on its sample (said, when it is one)."""
+    rows = tally.rows
     out: list[tuple[str, float | None, float | None, bool | None]] = [("rows", float(rows), None, None)]
-    out += [(f"rows_arm_{arm}", float(count), None, None) for arm, count in frame["arm"].value_counts().items()]
+    out += [(f"rows_arm_{arm}", float(count), None, None) for arm, count in tally.arms.items()]
     ref = reference.frame
     if rows:
-        missing = frame[["PULocationID", "DOLocationID", "trip_distance", "pickup_datetime"]].isna().any(axis=1)
-        distance_cap = float(ref["trip_distance"].quantile(0.999))
-        out += [("missing_share", float(missing.mean()), None, None),
-                ("unknown_zone_share", float(frame["PULocationID"].isin(UNKNOWN_ZONES).mean()
-                                             + frame["DOLocationID"].isin(UNKNOWN_ZONES).mean()) / 2, None, None),
-                ("distance_out_of_range_share", float((frame["trip_distance"] > distance_cap).mean()
-                                                      + (frame["trip_distance"] <= 0).mean()), None, None)]
+        out += [("missing_share", tally.missing / rows, None, None),
+                ("unknown_zone_share", tally.unknown_zones / rows / 2, None, None),
+                ("distance_out_of_range_share", tally.distance_out / rows, None, None)]
     if rows >= settings.min_window_rows:
-        current = frame.assign(pickup_hour=frame["pickup_datetime"].dt.hour)
+        sample = tally.sample
+        current = sample.assign(pickup_hour=sample["pickup_datetime"].dt.hour)
         values = drift_report(current, ref, settings, html)
-        pairs = zone_pair(frame["PULocationID"].to_numpy(np.int64), frame["DOLocationID"].to_numpy(np.int64))
-        values["od_drift"] = od_drift(reference.pairs, pairs)
+        values["od_drift"] = od_drift_of_counts(reference.pairs, tally.pairs)
         # Each distance is the effect reported; it is drifted only past the fixed threshold *and* what sampling
-        # noise reaches at this window's size and the reference's (stats.null_quantile).
-        limits = drift_thresholds(reference, rows, settings)
+        # noise reaches at the size of what was compared and the reference's (stats.null_quantile).
+        limits = drift_thresholds(reference, len(sample), settings)
         features = [f"drift_{c}" for c in FEATURES]
         share = float(np.mean([values[f] >= limits[f] for f in features]))
         out.append(("drift_share", share, settings.drift_share, None))
         out += [(name, value, limits[name], None) for name, value in values.items()]
+        if len(sample) < rows:
+            out.append(("drift_sample_rows", float(len(sample)), None, None))
     # Accuracy on the rides the model is meant for, filtered like its validation rows (1-60 minutes).
-    actual = frame["actual"]
-    labelled = frame[actual.notna() & (actual >= settings.min_duration) & (actual <= settings.max_duration)]
-    out.append(("labelled_rows", float(len(labelled)), None, None))
-    if len(labelled) >= MIN_LABELLED_ROWS:
-        accuracy = regression_metrics(labelled["actual"].to_numpy(), labelled["prediction"].to_numpy())
-        out += [("rmse", accuracy["rmse"], None, None), ("mae", accuracy["mae"], None, None),
+    out.append(("labelled_rows", float(tally.labelled), None, None))
+    if tally.labelled >= MIN_LABELLED_ROWS:
+        rmse = float(np.sqrt(tally.squared_error / tally.labelled))
+        out += [("rmse", rmse, None, None), ("mae", tally.absolute_error / tally.labelled, None, None),
                 ("val_rmse", reference.val_rmse, None, None),
-                ("rmse_ratio", accuracy["rmse"] / reference.val_rmse, 1 + settings.rmse_increase, None)]
-        shadow = labelled[labelled["shadow_prediction"].notna()]
-        if len(shadow) >= MIN_LABELLED_ROWS:
-            shadow_rmse = regression_metrics(shadow["actual"].to_numpy(), shadow["shadow_prediction"].to_numpy())
-            out.append(("shadow_rmse", shadow_rmse["rmse"], None, None))
+                ("rmse_ratio", rmse / reference.val_rmse, 1 + settings.rmse_increase, None)]
+        if tally.shadow >= MIN_LABELLED_ROWS:
+            out.append(("shadow_rmse", float(np.sqrt(tally.shadow_squared_error / tally.shadow)), None, None))
     # A value at or above its threshold is a breach.
     return [(m, v, t, None if t is None or v is None else bool(v >= t)) for m, v, t, _ in out]
 
@@ -271,19 +372,70 @@ def expected_rows(engine: Engine, window: Window, history: int = 4) -> float | N
     return float(np.median(totals)) if totals else None
 
 
-def compute_window(engine: Engine, registry: Registry, window: Window, settings: Settings) -> list[dict]:
-    """Measure a window for every model version that served in it, replacing earlier figures."""
-    frame = logged_rides(engine, window.start, window.end)
+SLICE_ROWS = 250_000  # a window is read from the store in time slices of about this many rides
+
+# (function, slices) -> the function's result per slice: ``map`` in this process, or a Dask cluster's
+# (tripcast.cluster.mapper): monitoring does not know which.
+Mapper = Callable[[Callable[[Window], dict], Iterable[Window]], Iterable[dict]]
+
+
+def rows_by_version(engine: Engine, window: Window) -> dict[str, int]:
+    p = predictions.c
+    with engine.connect() as conn:
+        found = conn.execute(select(p.model_version, func.count()).where(
+            p.pickup_datetime >= window.start, p.pickup_datetime < window.end).group_by(p.model_version)).all()
+    return {str(version): int(count) for version, count in found}
+
+
+def slices(window: Window, rows: int, rows_per_slice: int = SLICE_ROWS) -> list[Window]:
+    """The window cut in equal spans of time, enough of them for about ``rows_per_slice`` rides each."""
+    count = max(1, -(-rows // rows_per_slice))
+    step = (window.end - window.start) / count
+    edges = [window.start + step * k for k in range(count)] + [window.end]
+    return [Window(window.kind, a, b) for a, b in zip(edges, edges[1:], strict=False)]
+
+
+@dataclass(frozen=True)
+class SliceTally:
+    """Tallies a slice of a window per version: a picklable function, run wherever the mapper runs it."""
+
+    store_url: str
+    caps: dict[str, float]
+    shares: dict[str, float]
+    settings: Settings
+
+    def __call__(self, part: Window) -> dict[str, Tally]:
+        from tripcast.store import shared
+
+        frame = logged_rides(shared(self.store_url), part.start, part.end, ride_ids=False)
+        seed = int(part.start.timestamp())
+        return {str(version): Tally.of(rides, self.caps[str(version)], self.settings, self.shares[str(version)],
+                                       seed) for version, rides in frame.groupby("model_version", sort=True)}
+
+
+def compute_window(engine: Engine, registry: Registry, window: Window, settings: Settings,
+                   mapper: Mapper = map) -> list[dict]:
+    """Measure a window for every model version that served in it, replacing earlier figures. The window is read
+    in time slices (``mapper`` runs them); counts add up exactly, and Evidently's drift runs on a uniform sample
+    of TRIPCAST_DRIFT_SAMPLE_ROWS rides per version (all of them in a smaller window)."""
+    counts = rows_by_version(engine, window)
     computed_at = datetime.now(UTC).replace(tzinfo=None)
     expected = expected_rows(engine, window)
+    references = {version: load_reference(registry, version, settings) for version in counts}
+    work = SliceTally(engine.url.render_as_string(hide_password=False),
+                      {version: distance_cap(reference) for version, reference in references.items()},
+                      {version: min(1.0, settings.drift_sample_rows / n) for version, n in counts.items()}, settings)
+    tallies: dict[str, Tally] = {}
+    for part in mapper(work, slices(window, sum(counts.values()))):
+        for version, tally in part.items():
+            tallies[version] = tallies[version] + tally if version in tallies else tally
     rows: list[dict] = []
     folder = settings.home / "reports"
-    for version, part in frame.groupby("model_version", sort=True):
-        reference = load_reference(registry, str(version), settings)
+    for version, tally in sorted(tallies.items()):
         report = folder / f"{window.kind}-{window.start:%Y-%m-%d}-v{version}.html"
-        measured = measure(part, reference, settings, report if settings.reports_keep else None)
+        measured = measure_tally(tally, references[version], settings, report if settings.reports_keep else None)
         if expected:  # traffic of the whole window against the usual
-            measured.append(("rows_vs_expected", len(frame) / expected, None, None))
+            measured.append(("rows_vs_expected", sum(counts.values()) / expected, None, None))
         has_report = settings.reports_keep > 0 and any(m == "drift_share" for m, *_ in measured)
         rows += [{"kind": window.kind, "window_start": window.start, "window_end": window.end,
                   "model_version": str(version), "metric": metric, "value": value, "threshold": threshold,
