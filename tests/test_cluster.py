@@ -215,12 +215,13 @@ def test_workers_without_tripcast_are_one_line(settings: Settings, tmp_path: Pat
     scheduler = subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                   "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
+    source = str(Path(__file__).resolve().parents[1] / "src")  # where the editable install's .pth points
     hide = ("import sys; sys.meta_path = [f for f in sys.meta_path if 'tripcast' not in repr(f).lower() and "
-            "'editable' not in repr(f).lower()]; sys.path = [p for p in sys.path if 'work/main/src' not in p]\n"
+            "'editable' not in repr(f).lower()]; sys.path = [p for p in sys.path if p != sys.argv[2]]\n"
             "from distributed.cli.dask_worker import main; sys.argv = ['dask-worker', sys.argv[1], '--no-nanny', "
             "'--no-dashboard']; main()")
-    worker = subprocess.Popen([sys.executable, "-c", hide, address], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    worker = subprocess.Popen([sys.executable, "-c", hide, address, source], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         refused = run(["score", "--month", "2021-01", "--dask", address], {"TRIPCAST_DASK_CONNECT_SECONDS": "30"})
         lines = refused.stderr.strip().splitlines()

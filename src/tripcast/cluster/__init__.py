@@ -129,9 +129,8 @@ def _quiet_stdout() -> None:
 
 
 def key_name(key: object) -> str:
-    """A task's name without Dask's token: ('score_piece-3f2a...', 4) -> 'score_piece'."""
-    text = str(key[0] if isinstance(key, tuple) else key)
-    return text.rsplit("-", 1)[0] if "-" in text else text
+    """A task's name without Dask's token: ('score_piece-3f2a-…', 4) -> 'score_piece'."""
+    return str(key[0] if isinstance(key, tuple) else key).split("-", 1)[0]
 
 
 def _check_workers(client: Client, name: str, settings: Settings) -> None:
