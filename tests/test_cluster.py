@@ -136,7 +136,7 @@ def test_scoring_on_a_cluster_equals_in_process_row_for_row_even_when_a_worker_i
         settings: Settings, dask_cluster: tuple[str, list], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tripcast.cluster import connect
     from tripcast.cluster import data as cluster_data
-    from tripcast.cluster.scoring import score_months
+    from tripcast.cluster.scoring import score_months, staging_dir
     from tripcast.models import TripDurationPipeline, build
 
     address, workers = dask_cluster
@@ -153,7 +153,7 @@ def test_scoring_on_a_cluster_equals_in_process_row_for_row_even_when_a_worker_i
     with connect(DaskTarget(address), settings) as client:
         victim = workers[1]
         outputs = [batch.output_path("synth-green", m, settings) for m in months]
-        staging = [p.with_name(f".{p.name}.parts") for p in outputs]
+        staging = [staging_dir(p) for p in outputs]
 
         def kill_when_parts_appear() -> None:
             eventually(lambda: any(len(list(s.glob("part-*.parquet"))) >= 1 for s in staging if s.is_dir()), 120)

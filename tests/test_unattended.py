@@ -571,6 +571,67 @@ def test_headers_are_bounded_in_size_and_time_and_bodies_in_time(strict_api: Api
     assert httpx.get(f"{strict_api.url}/health").status_code == 200  # and it serves everyone else meanwhile
 
 
+HALFWAY_APP = """
+import asyncio, sys
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/upload":
+        while (await receive()).get("more_body"):
+            pass
+    head = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
+    if scope["path"] == "/stream":
+        await send(head)
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        await asyncio.sleep(0.5)
+        await send({"type": "http.response.body", "body": b"second"})
+        return
+    await send({**head, "headers": head["headers"] + [(b"content-length", b"2")]})
+    if scope["path"] == "/halfway":
+        print("head sent", flush=True)
+        await asyncio.sleep(60)
+    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else b"ok"})
+"""
+
+
+def test_a_replica_killed_between_an_answers_head_and_body_sent_nothing_of_it(tmp_path: Path) -> None:
+    """uvicorn writes a head, then a body: killed in between, a replica sent nginx a head it then had to cut,
+    too late to retry elsewhere. tripcast's protocol sends the head with the body."""
+    (tmp_path / "halfway.py").write_text(HALFWAY_APP)
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-c", f"import uvicorn; uvicorn.run('halfway:app', port={port}, lifespan='off', "
+         "log_level='warning', http='tripcast.serving.http:BoundedHttpToolsProtocol')"],
+        cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        eventually(lambda: socket.create_connection(("127.0.0.1", port)).close() is None, 30, ignoring=(OSError,))
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            # A body-less answer (HEAD) and a 100 Continue still leave, and a stream's chunks as they come.
+            conn.sendall(b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200 ")
+            conn.sendall(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n")
+            assert conn.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            conn.sendall(b"{}")
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200 ")
+            conn.sendall(b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n")
+            first = conn.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"5\r\nfirst\r\n"), first
+            assert conn.recv(65536) == b"6\r\nsecond\r\n0\r\n\r\n"
+
+            conn.sendall(b"GET /halfway HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert server.stdout.readline() == "head sent\n"
+            conn.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                conn.recv(65536)  # the head waits for its body
+            server.kill()
+            conn.settimeout(5)
+            assert conn.recv(65536) == b""  # closed with nothing of the answer sent: nginx may retry it
+    finally:
+        server.kill()
+        server.wait()
+
+
 def test_fuzzed_settings_values_never_escape_as_tracebacks() -> None:
     rng = random.Random(3)
     names = [f.name for f in fields(Settings)]

@@ -40,11 +40,8 @@ def _log_drops(data: training.MonthData) -> training.MonthData:
 
 
 @task(cache_policy=NONE)
-def validate(color: str, months: tlc.Month | list[tlc.Month], raw: pd.DataFrame | list[pd.DataFrame],
-             settings: Settings) -> training.MonthData:
-    if isinstance(months, tlc.Month):
-        return _log_drops(training.prepare_month(color, months, raw, settings))
-    return _log_drops(training.prepare_months(color, months, raw, settings))
+def validate(color: str, months: list[tlc.Month], raws: list[pd.DataFrame], settings: Settings) -> training.MonthData:
+    return _log_drops(training.prepare_months(color, months, raws, settings))
 
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_unless_data_error, cache_policy=NONE)
@@ -199,7 +196,7 @@ def train_flow(
 
             train_data = load_on_cluster(client, color, train_ms, settings)
             fit = fitter(client, train_data.rides, feats.Preprocessor())
-        val_data = validate(color, val_m, load(color, val_m, settings), settings)
+        val_data = validate(color, [val_m], [load(color, val_m, settings)], settings)
         fs = features(train_data, val_data) if fit is None else training.validation_features(val_data)
         result = train(train_data, val_data, fs, model, settings, trials, timeout, fit)
     registration = register(result, val_data, settings, promote, fresh=fresh_month(color, val_m, settings))
@@ -219,7 +216,7 @@ def evaluate_flow(color: str = "green", month: str = "2021-03", alias: str = CHA
     with cluster_of(settings) as client:
         version, pipeline = Registry(settings).load_pipeline(alias)
         if client is None:
-            figures = training.evaluate(pipeline, validate(color, month_, load(color, month_, settings), settings))
+            figures = training.evaluate(pipeline, validate(color, [month_], [load(color, month_, settings)], settings))
         else:
             from tripcast.cluster.training import evaluate
 

@@ -2,7 +2,8 @@
 ``http_max_header_bytes`` (431 past it) and ``http_header_timeout_seconds`` from the connection or the previous
 answer (408), and its body ``http_body_timeout_seconds`` (408). Without them one client could hold a
 connection, and its memory, for as long as it liked by sending a byte at a time (uvicorn's keep-alive timer
-restarts at every byte) or headers without end. ``tripcast serve`` passes this class to uvicorn by name.
+restarts at every byte) or headers without end. And an answer's head leaves with its body, in one write.
+``tripcast serve`` passes this class to uvicorn by name.
 """
 
 from __future__ import annotations
@@ -16,6 +17,35 @@ from tripcast.config import Settings, load_settings
 
 TIMED_OUT = "tripcast.timed_out"  # set in a request's scope when its body did not arrive in time
 _STATUS = {408: b"408 Request Timeout", 431: b"431 Request Header Fields Too Large"}
+
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # an interim answer: it goes at once
+
+
+class _HeadWithBody:
+    """A connection as one answer sees it: the head uvicorn writes first is held until the body's first write
+    and leaves with it. Written apart, a replica killed between the two cut an answer whose head nginx had
+    already passed on: too late to retry it on another replica, so the client saw a broken response."""
+
+    __slots__ = ("_transport", "_head", "_held")
+
+    def __init__(self, transport) -> None:
+        self._transport, self._head, self._held = transport, None, False
+
+    def write(self, data: bytes) -> None:
+        if not self._held and data != _CONTINUE:
+            self._head, self._held = data, True
+            return
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        self._transport.write(data)
+
+    def close(self) -> None:  # a head whose body never came is not sent: nginx retries a request with no answer
+        self._head = None
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
 
 
 @cache
@@ -120,7 +150,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._header_bytes > self._max_header:
             self._answer(431, f"request headers over {self._max_header:,} bytes")
             return
+        before = self.cycle
         super().on_headers_complete()
+        if self.cycle is not before and self.scope["method"] != "HEAD":  # a HEAD answer has no body to wait for
+            self.cycle.transport = _HeadWithBody(self.transport)
         self._arm(self._body_timeout, body=True)
 
     def on_body(self, body: bytes) -> None:
