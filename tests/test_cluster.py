@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import eventually
-from tests.test_cli import run
+from tests.test_cli import TRIPCAST, run
 from tripcast import batch, training
 from tripcast import features as feats
 from tripcast.config import DaskTarget, Settings
@@ -159,8 +161,6 @@ def test_scoring_on_a_cluster_equals_in_process_row_for_row_even_when_a_worker_i
             eventually(lambda: any(len(list(s.glob("part-*.parquet"))) >= 1 for s in staging if s.is_dir()), 120)
             victim.send_signal(signal.SIGKILL)
 
-        import threading
-
         killer = threading.Thread(target=kill_when_parts_appear)
         killer.start()
         results = score_months(client, "synth-green", months, pipeline, "7", settings)
@@ -267,6 +267,48 @@ def test_a_worker_out_of_memory_is_one_line_and_nothing_is_registered(settings: 
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-3000:]
     assert lines[0].startswith("error: Dask workers of local:2 died running ") and "out of memory?" in lines[0]
+    assert Registry(settings).versions() == []
+
+
+def test_a_worker_lost_while_lightgbm_trains_is_one_line_not_a_hang(settings: Settings, tmp_path: Path) -> None:
+    """lightgbm.dask pins its tasks to the workers it began on: one lost while it trained (restarted under a new
+    address) left the training waiting for ever. A worker killed as the training starts: one line, soon."""
+    import psutil
+
+    from tripcast.data.synth import synthesize
+
+    mirror = tmp_path / "synthetic"
+    for month in (tlc.Month(2021, 1), tlc.Month(2021, 2)):  # a fit of seconds, not a fraction of one
+        synthesize("green", tlc.Month(2021, 1), 1_000_000, mirror, settings, month)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_LOGGING_LEVEL")}
+    env["TRIPCAST_TLC_MIRROR"] = str(mirror)
+    began = time.monotonic()
+    command = subprocess.Popen(TRIPCAST + ["train", "-v", "--color", "synth-green", "--train-month", "2021-01",
+                                           "--val-month", "2021-02", "--dask", "local:2"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in command.stderr:
+            if "Finding random open ports" in line:  # lightgbm.dask's first step
+                break
+        workers = [p for p in psutil.Process(command.pid).children(recursive=True)
+                   if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2, [p.cmdline() for p in workers]
+        workers[0].kill()
+        rest: list[str] = []
+        reader = threading.Thread(target=lambda: rest.append(command.stderr.read()), daemon=True)
+        reader.start()
+        returncode = command.wait(timeout=120)  # without the watch, it waited for ever
+        reader.join(30)
+    finally:
+        command.kill()
+    said = "".join(rest)
+    assert returncode == 2, said[-4000:]
+    errors = [line for line in said.splitlines() if line.startswith("error: ")]  # -v: the rest are logs
+    assert len(errors) == 1, said[-3000:]
+    assert errors[0].startswith("error: Dask workers of local:2 died running lightgbm_training (out of memory? ")
+    assert time.monotonic() - began < 120
+    from tripcast.registry import Registry
+
     assert Registry(settings).versions() == []
 
 

@@ -28,6 +28,14 @@ class ClusterError(TripcastError):
     """The Dask cluster cannot be reached, lacks tripcast or cannot do the work (a worker died)."""
 
 
+class WorkerLost(ClusterError):
+    """A worker died while ``task`` ran on it where distributed would not notice (``connect`` words it)."""
+
+    def __init__(self, task: str) -> None:
+        super().__init__(f"a Dask worker died running {task}")
+        self.task = task
+
+
 TRAINED_ON_A_CLUSTER = ("lightgbm", "baseline")
 
 
@@ -91,8 +99,8 @@ def connect(target: DaskTarget, settings: Settings) -> Iterator[Client]:
     try:
         _check_workers(client, str(target), settings)
         yield client
-    except KilledWorker as exc:
-        task = key_name(exc.args[0]) if exc.args else "a task"
+    except (KilledWorker, WorkerLost) as exc:
+        task = exc.task if isinstance(exc, WorkerLost) else key_name(exc.args[0]) if exc.args else "a task"
         raise ClusterError(f"Dask workers of {target} died running {task} (out of memory? give each more: "
                            "TRIPCAST_DASK_WORKER_MEMORY_GB for a local cluster, or add workers); no unfinished "
                            "output was written") from None

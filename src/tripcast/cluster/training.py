@@ -10,8 +10,10 @@ registered and served without Dask.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,7 @@ import pandas as pd
 from distributed import Client
 
 from tripcast import features as feats
-from tripcast.cluster import TRAINED_ON_A_CLUSTER, ClusterError
+from tripcast.cluster import TRAINED_ON_A_CLUSTER, ClusterError, WorkerLost
 from tripcast.models import TripDurationPipeline
 from tripcast.models.baseline import ZonePairMedian, distance_bin
 from tripcast.models.boosted import (
@@ -111,11 +113,38 @@ def fit_lightgbm(client: Client, inputs: Any, seed: int = 42, **params: Any) -> 
     # LightGBM's default two hours.
     regressor = DaskLGBMRegressor(client=client, objective="regression", n_estimators=int(hyper["n_estimators"]),
                                   random_state=seed, deterministic=True, verbosity=-1, time_out=3, **booster_params)
-    with warnings.catch_warnings():  # it drops n_jobs (a worker's threads decide): said at every fit
-        warnings.filterwarnings("ignore", "Parameter .* will be ignored")
-        regressor.fit(matrix, target, feature_name=FEATURES, categorical_feature=CATEGORICAL)
+
+    def fit() -> None:
+        with warnings.catch_warnings():  # it drops n_jobs (a worker's threads decide): said at every fit
+            warnings.filterwarnings("ignore", "Parameter .* will be ignored")
+            regressor.fit(matrix, target, feature_name=FEATURES, categorical_feature=CATEGORICAL)
+
+    _while_no_worker_is_lost(client, fit)
     return LightGBMDuration.from_booster(regressor.booster_, PairStatistics.from_sums(total, smoothing), seed,
                                          **params)
+
+
+def _while_no_worker_is_lost(client: Client, fit: Callable[[], None]) -> None:
+    """``fit`` (lightgbm.dask's training), failed if a worker is lost meanwhile: its tasks are pinned to the
+    workers they began on, so one lost (restarted out of memory, under a new address) left the training waiting
+    for ever (seen: a 0.5 GB local worker, a run stopped after 600 s)."""
+    workers = set(client.scheduler_info()["workers"])
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fit()
+        except BaseException as exc:  # handed to the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="lightgbm-dask-fit", daemon=True)  # left behind if a worker is lost
+    thread.start()
+    while thread.is_alive():
+        thread.join(1)
+        if thread.is_alive() and not workers <= set(client.scheduler_info()["workers"]):
+            raise WorkerLost("lightgbm_training")
+    if failed:
+        raise failed[0]
 
 
 def fit_baseline(inputs: Any) -> ZonePairMedian:

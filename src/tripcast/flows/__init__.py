@@ -34,8 +34,10 @@ def say(message: str) -> None:
 
 def retry_unless_data_error(task, task_run, state) -> bool:
     """Prefect retry condition: retry the unexpected (a full disk, a killed process), not data errors. A
-    missing month or a corrupt file will not mend, and the data layer already retries the network."""
-    return not isinstance(state.data, DataError)
+    missing month or a corrupt file will not mend, and the data layer already retries the network; nor Dask
+    workers that died running a task (distributed already tried it on several; out of memory, they die again)."""
+    scheduler = sys.modules.get("distributed.scheduler")  # loaded if a cluster ran the task
+    return not isinstance(state.data, DataError) and not (scheduler and isinstance(state.data, scheduler.KilledWorker))
 
 
 def prepare_local_prefect(home: Path) -> None:
