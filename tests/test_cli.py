@@ -20,9 +20,13 @@ TRIPCAST = [sys.executable, "-m", "tripcast"]
 
 def run(args: list[str], env_extra: dict[str, str] | None = None, cwd: Path | None = None,
         timeout: float = 300) -> subprocess.CompletedProcess:
-    # As a user runs it: without the logging levels the test harness sets for itself.
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_LOGGING_LEVEL")} | (env_extra or {})
-    return subprocess.run(TRIPCAST + args, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    return subprocess.run(TRIPCAST + args, capture_output=True, text=True, env=user_environment(env_extra), cwd=cwd,
+                          timeout=timeout)
+
+
+def user_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """As a user runs tripcast: without the logging levels the test harness sets for itself."""
+    return {k: v for k, v in os.environ.items() if not k.endswith("_LOGGING_LEVEL")} | (extra or {})
 
 
 def test_help_lists_the_commands() -> None:
@@ -133,8 +137,7 @@ def test_an_error_inside_the_flow_is_still_one_line(settings: Settings, prefect_
 def test_schedule_serves_its_deployments_without_a_line_per_poll(settings: Settings, prefect_server: str,
                                                                   tmp_path: Path) -> None:
     output = tmp_path / "schedule.log"
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_LOGGING_LEVEL")} | {
-        "PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    env = user_environment({"PREFECT_API_URL": prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"})
     with output.open("w") as sink:
         schedule = subprocess.Popen(TRIPCAST + ["schedule"], stdout=sink, stderr=subprocess.STDOUT, env=env)
     try:
@@ -152,7 +155,7 @@ def _interrupt_when(args: list[str], ready, settings: Settings, signal_number: i
     """Start ``tripcast args`` in a session of its own, as a terminal would; once ``ready(what it said so far)``
     holds, signal its whole process group (Ctrl-C reaches every process of the foreground group); return the
     seconds it took to exit, its stderr and its exit status. Afterwards no process of its group may be left."""
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_LOGGING_LEVEL")} | {"TRIPCAST_PROGRESS": "true"}
+    env = user_environment({"TRIPCAST_PROGRESS": "true"})
     said = settings.home.parent / f"stderr-{time.monotonic_ns()}.txt"
     with said.open("w") as sink:
         process = subprocess.Popen(TRIPCAST + args, stdout=subprocess.DEVNULL, stderr=sink, env=env,

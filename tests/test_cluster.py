@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import eventually
-from tests.test_cli import TRIPCAST, run
+from tests.test_cli import TRIPCAST, run, user_environment
 from tripcast import batch, training
 from tripcast import features as feats
 from tripcast.config import DaskTarget, Settings
@@ -280,12 +280,11 @@ def test_a_worker_lost_while_lightgbm_trains_is_one_line_not_a_hang(settings: Se
     mirror = tmp_path / "synthetic"
     for month in (tlc.Month(2021, 1), tlc.Month(2021, 2)):  # a fit of seconds, not a fraction of one
         synthesize("green", tlc.Month(2021, 1), 1_000_000, mirror, settings, month)
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_LOGGING_LEVEL")}
-    env["TRIPCAST_TLC_MIRROR"] = str(mirror)
     began = time.monotonic()
     command = subprocess.Popen(TRIPCAST + ["train", "-v", "--color", "synth-green", "--train-month", "2021-01",
                                            "--val-month", "2021-02", "--dask", "local:2"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env=user_environment({"TRIPCAST_TLC_MIRROR": str(mirror)}))
     try:
         for line in command.stderr:
             if "Finding random open ports" in line:  # lightgbm.dask's first step

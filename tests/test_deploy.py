@@ -19,6 +19,7 @@ import mlflow
 import pytest
 import yaml
 from conftest import eventually
+from test_cli import run
 
 from tripcast import training
 from tripcast.config import Settings
@@ -167,10 +168,7 @@ def test_the_mlflow_server_answers_the_services_by_name(compose_mlflow: tuple[st
 
 
 def tripcast(args: list[str], url: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_LOGGING_LEVEL")} | {
-        "TRIPCAST_TRACKING_URI": url, "TRIPCAST_ADMIN_TOKEN": TOKEN}
-    return subprocess.run([sys.executable, "-m", "tripcast", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return run(args, {"TRIPCAST_TRACKING_URI": url, "TRIPCAST_ADMIN_TOKEN": TOKEN})
 
 
 def test_training_through_the_server_keeps_the_model_on_the_server(compose_mlflow: tuple[str, Path],
